@@ -1,0 +1,3 @@
+from rebase.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The `rebase` command. Bad input prints one line and exits 2; Ctrl-C exits 130 and keeps finished work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rebase.errors import RebaseError
+
+
+def _concurrency(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected MIN,MAX (for example 1,4)") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rebase", description="Retrieval Based Distillation on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    datastore = commands.add_parser("datastore", help="build and inspect the retrieval datastore")
+    datastore_commands = datastore.add_subparsers(dest="datastore_command", required=True)
+    build = datastore_commands.add_parser(
+        "build",
+        help="ingest sources, embed their cells, index them",
+        description="SPEC is bigbench[:task,...], files:PATH_OR_GLOB (parquet, jsonl, csv) or hf:DATASET_ID[:CONFIG].",
+    )
+    build.add_argument("--config", type=Path, help="YAML file of DatastoreConfig fields; flags override it")
+    build.add_argument("--source", dest="sources", action="append", metavar="SPEC", help="repeatable")
+    build.add_argument("--out", type=Path, help="datastore directory (created, or extended if it exists)")
+    build.add_argument("--embedder", help="builtin:minilm (default), a local directory or an HF id")
+    build.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"])
+    build.add_argument("--rows-per-dataset", type=int, dest="rows_per_dataset")
+    build.add_argument("--max-value-chars", type=int, dest="max_value_chars")
+    build.add_argument("--description", help="description for files: sources that have no sidecar")
+    build.add_argument("--block-rows", type=int, dest="block_rows")
+    build.add_argument("--embed-batch-size", type=int, dest="embed_batch_size")
+    build.add_argument("--embed-concurrency", type=_concurrency, dest="embed_concurrency", metavar="MIN,MAX")
+    build.add_argument("--shard-vectors", type=int, dest="shard_vectors")
+
+    info = datastore_commands.add_parser("info", help="describe a datastore")
+    info.add_argument("directory", type=Path)
+    info.add_argument("--json", action="store_true", help="print the description as JSON")
+    return parser
+
+
+def _datastore_build(args: argparse.Namespace) -> int:
+    from rebase.config import DatastoreConfig, build_config, load_config
+    from rebase.datastore import build_datastore
+
+    fields = (
+        "sources",
+        "out",
+        "embedder",
+        "index",
+        "rows_per_dataset",
+        "max_value_chars",
+        "description",
+        "block_rows",
+        "embed_batch_size",
+        "embed_concurrency",
+        "shard_vectors",
+    )
+    overrides = {name: getattr(args, name) for name in fields}
+    if args.config:
+        config = load_config(DatastoreConfig, args.config, overrides)
+    else:
+        if not args.sources or not args.out:
+            raise RebaseError("datastore build needs --source SPEC and --out DIR (or --config FILE)")
+        config = build_config(DatastoreConfig, {k: v for k, v in overrides.items() if v is not None})
+    summary = build_datastore(config)
+    print(summary.line())
+    return 0
+
+
+def _datastore_info(args: argparse.Namespace) -> int:
+    from rebase.datastore import datastore_info
+
+    info = datastore_info(args.directory)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    counts = info["counts"]
+    embedder = info["embedder"]
+    print(f"datastore   {info['path']}  (created {info['created']}, updated {info['updated']})")
+    print(f"embedder    {embedder['name']}  dim={embedder['dimension']}  normalized={embedder['normalized']}")
+    print(
+        f"settings    rows_per_dataset={info['settings']['rows_per_dataset']}  "
+        f"max_value_chars={info['settings']['max_value_chars']}  index={info['index']}"
+    )
+    print(
+        f"contents    {counts['datasets']:,} datasets, {counts['rows']:,} rows, {counts['cells']:,} cells, "
+        f"{counts['distinct_values']:,} distinct values, {counts['skipped_rows']:,} malformed rows skipped"
+    )
+    print(f"index       {counts['shards']} shard(s), {counts['vectors']:,} vectors")
+    print(f"disk        {info['bytes_on_disk'] / 1e6:,.1f} MB")
+    print("sources")
+    for source in info["sources"]:
+        kinds = ",".join(sorted({s["kind"] for s in source["shards"]})) or "-"
+        print(
+            f"  {source['spec']:<40} {source['state']:<9} {source['datasets']:>6,} datasets {source['rows']:>9,} rows "
+            f"{source['cells']:>10,} cells  shards: {len(source['shards'])} ({kinds})"
+        )
+    if info["largest_datasets"]:
+        print("largest datasets")
+        for dataset_id, rows in info["largest_datasets"]:
+            print(f"  {dataset_id:<60} {rows:>7,} rows")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {("datastore", "build"): _datastore_build, ("datastore", "info"): _datastore_info}
+    try:
+        return handlers[(args.command, getattr(args, "datastore_command", None))](args)
+    except RebaseError as error:
+        print(f"rebase: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rebase: interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Pydantic configs, one per stage, loaded from YAML; defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rebase.errors import RebaseError
+
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatastoreConfig(StageConfig):
+    """`rebase datastore build`: which sources, which embedder, how rows become cells and vectors."""
+
+    sources: list[str] = Field(min_length=1)
+    out: Path
+    embedder: str = "builtin:minilm"
+    index: IndexKind = "auto"
+    rows_per_dataset: int = Field(1000, ge=1, description="row cap per dataset, sampled evenly (paper: 1,000)")
+    max_value_chars: int = Field(1000, ge=16, description="longer cell values are truncated")
+    description: str | None = Field(None, description="description for files: sources without a sidecar")
+    block_rows: int = Field(4096, ge=1, description="distinct values per embedding block (the resume unit)")
+    embed_batch_size: int = Field(128, ge=1)
+    embed_concurrency: tuple[int, int] = Field((1, 2), description="(min, max) embedding actors")
+    shard_vectors: int = Field(1_000_000, ge=1, description="most vectors in one FAISS shard")
+    flat_max_vectors: int = Field(
+        200_000, ge=1, description="with index=auto, shards up to this size are exact (flat), larger are IVF"
+    )
+
+    @field_validator("embed_concurrency")
+    @classmethod
+    def _concurrency_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or high < low:
+            raise ValueError("must be (min, max) with 1 <= min <= max")
+        return value
+
+    @model_validator(mode="after")
+    def _no_blank_sources(self) -> DatastoreConfig:
+        if any(not s.strip() for s in self.sources):
+            raise ValueError("sources: a source spec is empty")
+        return self
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return f"field '{field}': {first['msg']}"
+
+
+def build_config(model: type[Config], values: dict, origin: str = "command line") -> Config:
+    """Validate plain values into a config; a bad field becomes one RebaseError naming it and its origin."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise RebaseError(f"{origin}: {_describe(error)}") from None
+
+
+def load_config(model: type[Config], path: Path, overrides: dict | None = None) -> Config:
+    """Read YAML from `path`, apply non-None overrides (CLI flags of the same name), validate."""
+    if not path.is_file():
+        raise RebaseError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RebaseError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise RebaseError(f"{path}: expected a mapping of fields at the top level")
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return build_config(model, values, origin=str(path))

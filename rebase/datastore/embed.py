@@ -1,0 +1,130 @@
+"""Embedding distinct values with sentence-transformers in Ray Data actors.
+
+Each pending block (a parquet file of distinct values not yet in the store) becomes one values block
+with the same name; a block is written only when all its vectors are back, so an interrupted build
+re-embeds at most the blocks that were in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from rebase.io import numpy_to_embeddings, parquet_rows, write_parquet_atomic
+
+VALUES_SCHEMA_FIELDS = ("value_id", "kind")
+
+
+class Embedder:
+    """A sentence-transformers model in one Ray actor (or plain process): texts in, unit vectors out."""
+
+    def __init__(self, model_path: str, batch_size: int = 128):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(model_path, device=device)
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        return vectors.astype(np.float32, copy=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            "value_id": batch["value_id"],
+            "kind": batch["kind"],
+            "path": batch["path"],
+            "embedding": self.encode([str(t) for t in batch["text"]]),
+        }
+
+
+def embedding_dimension(model_path: str) -> int:
+    """The output dimension from the model's files, without loading its weights."""
+    import json
+
+    root = Path(model_path)
+    for candidate in sorted(root.glob("*_Pooling/config.json")) + [root / "config.json"]:
+        if candidate.is_file():
+            config = json.loads(candidate.read_text())
+            for key in ("word_embedding_dimension", "hidden_size", "d_model"):
+                if key in config:
+                    dense = sorted(root.glob("*_Dense/config.json"))
+                    if dense:
+                        return int(json.loads(dense[-1].read_text())["out_features"])
+                    return int(config[key])
+    return Embedder(model_path).model.get_sentence_embedding_dimension()
+
+
+def _block_key(path: str) -> str:
+    parts = Path(path).parts
+    return "/".join(parts[-3:])  # <source key>/pending/block-NNNNN.parquet
+
+
+def embed_blocks(
+    pending: list[Path],
+    output_for: Callable[[Path], Path],
+    model_path: str,
+    batch_size: int,
+    concurrency: tuple[int, int],
+    gpus: float,
+    on_block: Callable[[int], None] | None = None,
+) -> int:
+    """Embed the pending blocks through a Ray Data actor pool; write one values block per pending block.
+
+    Returns the number of values embedded. The driver only gathers vectors per block and writes them.
+    """
+    import ray
+
+    if not pending:
+        return 0
+    expected = {_block_key(str(p)): parquet_rows(p) for p in pending}
+    targets = {_block_key(str(p)): output_for(p) for p in pending}
+    dataset = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
+    dataset = dataset.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"model_path": model_path, "batch_size": batch_size},
+        batch_size=max(batch_size, 256),
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+    )
+    gathered: dict[str, list[pa.RecordBatch]] = {}
+    counts: dict[str, int] = {}
+    embedded = 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        paths = batch.column("path").to_pylist()
+        for key in dict.fromkeys(paths):
+            mask = pa.array([p == key for p in paths])
+            part = batch.filter(mask).select(["value_id", "kind", "embedding"])
+            block = _block_key(key)
+            gathered.setdefault(block, []).append(part)
+            counts[block] = counts.get(block, 0) + part.num_rows
+            if counts[block] == expected[block]:
+                table = pa.concat_tables(gathered.pop(block)).combine_chunks()
+                table = _normalise_schema(table)
+                write_parquet_atomic(targets[block], table)
+                embedded += table.num_rows
+                if on_block:
+                    on_block(table.num_rows)
+    if gathered:
+        raise RuntimeError(f"embedding finished with incomplete blocks: {sorted(gathered)}")
+    return embedded
+
+
+def _normalise_schema(table: pa.Table) -> pa.Table:
+    vectors = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(vectors.type):
+        array = np.stack(vectors.to_numpy(zero_copy_only=False)).astype(np.float32)
+        vectors = numpy_to_embeddings(array)
+    return pa.table(
+        {
+            "value_id": table.column("value_id").cast(pa.int64()),
+            "kind": table.column("kind").cast(pa.string()),
+            "embedding": vectors.cast(pa.list_(pa.float32(), vectors.type.list_size)),
+        }
+    )
