@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--block-rows", type=int, dest="block_rows")
     build.add_argument("--embed-batch-size", type=int, dest="embed_batch_size")
     build.add_argument("--embed-concurrency", type=_concurrency, dest="embed_concurrency", metavar="MIN,MAX")
+    build.add_argument("--embed-threads", type=int, dest="embed_threads")
     build.add_argument("--shard-vectors", type=int, dest="shard_vectors")
 
     info = datastore_commands.add_parser("info", help="describe a datastore")
@@ -52,20 +53,8 @@ def _datastore_build(args: argparse.Namespace) -> int:
     from rebase.config import DatastoreConfig, build_config, load_config
     from rebase.datastore import build_datastore
 
-    fields = (
-        "sources",
-        "out",
-        "embedder",
-        "index",
-        "rows_per_dataset",
-        "max_value_chars",
-        "description",
-        "block_rows",
-        "embed_batch_size",
-        "embed_concurrency",
-        "shard_vectors",
-    )
-    overrides = {name: getattr(args, name) for name in fields}
+    # Flags are named after the config fields they override.
+    overrides = {name: getattr(args, name, None) for name in DatastoreConfig.model_fields}
     if args.config:
         config = load_config(DatastoreConfig, args.config, overrides)
     else:

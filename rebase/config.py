@@ -27,9 +27,12 @@ class DatastoreConfig(StageConfig):
     rows_per_dataset: int = Field(1000, ge=1, description="row cap per dataset, sampled evenly (paper: 1,000)")
     max_value_chars: int = Field(1000, ge=16, description="longer cell values are truncated")
     description: str | None = Field(None, description="description for files: sources without a sidecar")
-    block_rows: int = Field(4096, ge=1, description="distinct values per embedding block (the resume unit)")
-    embed_batch_size: int = Field(128, ge=1)
-    embed_concurrency: tuple[int, int] = Field((1, 2), description="(min, max) embedding actors")
+    block_rows: int = Field(1024, ge=1, description="distinct values per embedding block (the resume unit)")
+    embed_batch_size: int = Field(32, ge=1, description="texts per forward pass; small batches pad less")
+    embed_concurrency: tuple[int, int] | None = Field(
+        None, description="(min, max) embedding actors; default (1, GPUs) on GPUs, (1, CPUs / embed_threads) on CPUs"
+    )
+    embed_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default min(4, cores)")
     shard_vectors: int = Field(1_000_000, ge=1, description="most vectors in one FAISS shard")
     flat_max_vectors: int = Field(
         200_000, ge=1, description="with index=auto, shards up to this size are exact (flat), larger are IVF"
@@ -37,7 +40,9 @@ class DatastoreConfig(StageConfig):
 
     @field_validator("embed_concurrency")
     @classmethod
-    def _concurrency_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+    def _concurrency_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is None:
+            return value
         low, high = value
         if low < 1 or high < low:
             raise ValueError("must be (min, max) with 1 <= min <= max")

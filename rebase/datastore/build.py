@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,6 +89,7 @@ class BuildSummary:
     new_rows: int
     embedded: int
     seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         c = self.counts
@@ -122,27 +123,32 @@ def build_datastore(config: DatastoreConfig) -> BuildSummary:
     write_manifest(out, manifest)
     known_values = _known_ids(out)
     known_datasets = _known_datasets(out, manifest)
+    stages: dict[str, float] = {}
+    clock = time.monotonic()
     for source, entry in zip(todo, entries):
         if entry.state == "ingesting":
             _ingest(out, source, entry, config, known_values, known_datasets)
             entry.state = "ingested"
             write_manifest(out, manifest)
     del known_values
+    stages["ingest"], clock = time.monotonic() - clock, time.monotonic()
 
     from rebase.ray_setup import cluster_gpus, ensure_ray
 
     ensure_ray()
+    stages["ray_start"], clock = time.monotonic() - clock, time.monotonic()
     embedded = _embed_pending(out, entries, model_path, config, cluster_gpus())
+    stages["embed"], clock = time.monotonic() - clock, time.monotonic()
     _build_shards(out, manifest, entries, config)
+    stages["index"], clock = time.monotonic() - clock, time.monotonic()
     _publish_datasets(out, entries, manifest.embedder.dimension)
     for entry in entries:
         entry.state = "complete"
         shutil.rmtree(out / "staging" / entry.key, ignore_errors=True)
     write_manifest(out, manifest)
     _remove_if_empty(out / "staging")
-    return BuildSummary(
-        out, manifest.counts(), len(entries), sum(e.rows for e in entries), embedded, time.monotonic() - started
-    )
+    rows = sum(e.rows for e in entries)
+    return BuildSummary(out, manifest.counts(), len(entries), rows, embedded, time.monotonic() - started, stages)
 
 
 def _unique(sources: list[Source]) -> list[Source]:
@@ -370,16 +376,32 @@ def _embed_pending(out: Path, entries: list[SourceEntry], model_path: str, confi
     if not pending:
         return 0
     total = sum(parquet_rows(p) for p in pending)
+    threads, concurrency = embedding_resources(config, gpus)
     with tqdm(total=total, desc="embedding distinct values", unit=" values", file=sys.stderr) as bar:
         return embed_blocks(
             pending,
             lambda block: _values_path(out, block),
             model_path,
             batch_size=config.embed_batch_size,
-            concurrency=config.embed_concurrency,
+            concurrency=concurrency,
             gpus=gpus,
+            threads=threads,
             on_block=bar.update,
         )
+
+
+def embedding_resources(config: DatastoreConfig, gpus: float) -> tuple[int, tuple[int, int]]:
+    """Torch threads per CPU actor and the (min, max) actor pool size, from the config or the cluster."""
+    import os
+
+    import ray
+
+    threads = config.embed_threads or min(4, os.cpu_count() or 1)
+    if config.embed_concurrency:
+        return threads, config.embed_concurrency
+    if gpus:
+        return threads, (1, max(1, int(gpus)))
+    return threads, (1, max(1, int(ray.cluster_resources().get("CPU", 1)) // threads))
 
 
 def _build_shards(out: Path, manifest: Manifest, entries: list[SourceEntry], config: DatastoreConfig) -> None:

@@ -21,11 +21,13 @@ VALUES_SCHEMA_FIELDS = ("value_id", "kind")
 class Embedder:
     """A sentence-transformers model in one Ray actor (or plain process): texts in, unit vectors out."""
 
-    def __init__(self, model_path: str, batch_size: int = 128):
+    def __init__(self, model_path: str, batch_size: int = 32, threads: int | None = None):
         import torch
         from sentence_transformers import SentenceTransformer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and threads:
+            torch.set_num_threads(threads)
         self.model = SentenceTransformer(model_path, device=device)
         self.batch_size = batch_size
 
@@ -71,11 +73,14 @@ def embed_blocks(
     batch_size: int,
     concurrency: tuple[int, int],
     gpus: float,
+    threads: int,
     on_block: Callable[[int], None] | None = None,
 ) -> int:
     """Embed the pending blocks through a Ray Data actor pool; write one values block per pending block.
 
     Returns the number of values embedded. The driver only gathers vectors per block and writes them.
+    On CPUs each actor reserves one logical CPU but runs `threads` torch threads: a sentence encoder
+    scales well across cores in one process, and the spare logical CPU keeps reads and shard builds moving.
     """
     import ray
 
@@ -83,11 +88,16 @@ def embed_blocks(
         return 0
     expected = {_block_key(str(p)): parquet_rows(p) for p in pending}
     targets = {_block_key(str(p)): output_for(p) for p in pending}
-    dataset = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
+    # One Ray block per pending file, so the actor pool sees a queue it can scale against.
+    dataset = ray.data.read_parquet([str(p) for p in pending], include_paths=True, override_num_blocks=len(pending))
     dataset = dataset.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_path": model_path, "batch_size": batch_size},
-        batch_size=max(batch_size, 256),
+        fn_constructor_kwargs={
+            "model_path": model_path,
+            "batch_size": batch_size,
+            "threads": None if gpus else threads,
+        },
+        batch_size=None,  # a whole block per call: encode() sorts it by length, so batches pad little
         batch_format="numpy",
         concurrency=concurrency,
         num_gpus=1 if gpus else 0,

@@ -48,13 +48,14 @@ def make_index(kind: str, vectors: np.ndarray, ids: np.ndarray):
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
     elif kind == "hnsw":
-        index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT))
-        index.index.hnsw.efConstruction = 80
+        graph = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = 80
+        index = faiss.IndexIDMap2(graph)
     elif kind == "ivf":
         quantizer = faiss.IndexFlatIP(dimension)
         index = faiss.IndexIVFFlat(quantizer, dimension, ivf_lists(len(vectors)), faiss.METRIC_INNER_PRODUCT)
         index.train(_train_sample(vectors, index.nlist))
-        index.make_direct_map()  # lets retrieval reconstruct a value's vector by id
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # lets retrieval reconstruct a vector by id
     else:
         raise ValueError(f"unknown index kind {kind}")
     if len(vectors):
@@ -103,7 +104,7 @@ def _make_ivf_on_gpu(vectors: np.ndarray, ids: np.ndarray):
     gpu.train(_train_sample(vectors, cpu.nlist))
     gpu.add_with_ids(vectors, ids)
     index = faiss.index_gpu_to_cpu(gpu)
-    index.make_direct_map()
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
     return index
 
 
@@ -111,7 +112,10 @@ def load_shard(path: Path, nprobe: int | None = None):
     import faiss
 
     index = faiss.read_index(str(path))
-    ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = 128
+    ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = nprobe or max(1, ivf.nlist // 8)
     return index

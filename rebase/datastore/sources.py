@@ -345,15 +345,17 @@ def _files_source(spec: str, pattern: str, description: str | None) -> Source:
     if not pattern:
         raise RebaseError(f"'{spec}' names no path; use files:PATH_OR_GLOB")
     path = Path(pattern).expanduser()
-    if path.is_dir():
-        matches = [p for p in sorted(path.rglob("*")) if p.suffix.lower() in FILE_FORMATS]
+    if path.is_file():
+        if path.suffix.lower() not in FILE_FORMATS:
+            raise RebaseError(f"{path}: unsupported file type; use parquet, jsonl or csv")
+        matches = [path]
     else:
-        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        # A folder or a glob takes the data files it holds and leaves the rest (sidecars, READMEs).
+        found = path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path), recursive=True))
+        matches = sorted(p for p in found if p.is_file() and p.suffix.lower() in FILE_FORMATS)
     if not matches:
-        raise RebaseError(f"{spec}: no file matches {pattern}")
+        raise RebaseError(f"{spec}: no parquet, jsonl or csv file matches {pattern}")
     for match in matches:
-        if match.suffix.lower() not in FILE_FORMATS:
-            raise RebaseError(f"{match}: unsupported file type; use parquet, jsonl or csv")
         if match.stat().st_size == 0:
             raise RebaseError(f"{match}: the file is empty")
     digest = hashlib.sha256()

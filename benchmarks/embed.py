@@ -1,0 +1,175 @@
+"""Embedding-stage throughput of `rebase datastore build` vs a plain SentenceTransformer.encode loop.
+
+    python benchmarks/embed.py [--tasks T1,T2,...] [--estimate-full]
+
+Both sides embed the same BIG-bench cells with the same model (builtin:minilm) in the same run:
+- rebase: a real build (Ray Data actor pool) into a fresh directory; the embedding stage's wall time,
+  actor start-up included, embeds each distinct value once;
+- baseline: one process, the model loaded once, `encode(every cell, batch_size=32)`.
+Printed ratios: per embedded text (rebase values/s vs plain texts/s: the engine alone) and per cell
+(cells covered per second: what distinct-value embedding buys). Peak memory is the largest summed RSS of
+the process and all its descendants (Ray's raylet, GCS and workers for rebase). `--estimate-full` also
+ingests all of BIG-bench (1,000 rows per dataset, no embedding) to report its size and projected time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+DEFAULT_TASKS = (
+    "navigate,date_understanding,sports_understanding,logical_deduction,causal_judgment,"
+    "disambiguation_qa,hyperbaton,movie_recommendation,snarks,temporal_sequences,tracking_shuffled_objects"
+)
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and its descendants every 0.2 s."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+PLAIN_LOOP = r"""
+import json, sys, time, resource
+import pyarrow.parquet as pq
+from pathlib import Path
+t0 = time.monotonic()
+from sentence_transformers import SentenceTransformer
+from rebase.models import resolve_model
+model = SentenceTransformer(str(resolve_model("builtin:minilm")), device="cpu")
+loaded = time.monotonic() - t0
+texts = []
+for path in sorted(Path(sys.argv[1]).glob("cells/*/*.parquet")):
+    texts += pq.read_table(path, columns=["value"]).column("value").to_pylist()
+t1 = time.monotonic()
+model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+encode = time.monotonic() - t1
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"texts": len(texts), "load_seconds": loaded, "encode_seconds": encode, "peak_rss": peak}))
+"""
+
+
+def run_rebase(tasks: str, out: Path) -> dict:
+    from rebase.config import DatastoreConfig
+    from rebase.datastore import build_datastore
+
+    config = DatastoreConfig(sources=[f"bigbench:{tasks}"], out=out)
+    with PeakMemory() as memory:
+        summary = build_datastore(config)
+    import ray
+
+    ray.shutdown()
+    return {
+        "cells": summary.counts["cells"],
+        "embedded": summary.embedded,
+        "stage_seconds": summary.stage_seconds,
+        "total_seconds": summary.seconds,
+        "peak_rss": memory.peak,
+    }
+
+
+def run_plain(out: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", PLAIN_LOOP, str(out)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def estimate_full(rate: float) -> dict:
+    """Ingest every BIG-bench task (no embedding) and project the embedding time at the measured rate."""
+    from rebase.config import DatastoreConfig
+    from rebase.datastore.build import _ingest
+    from rebase.datastore.manifest import SourceEntry
+    from rebase.datastore.sources import open_source
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("REBASE_BENCH_TMP")) as tmp:
+        config = DatastoreConfig(sources=["bigbench"], out=Path(tmp))
+        source = open_source("bigbench")
+        entry = SourceEntry(spec="bigbench", kind="bigbench", fingerprint=source.fingerprint, key="full")
+        started = time.monotonic()
+        _ingest(Path(tmp), source, entry, config, set(), {})
+        seconds = time.monotonic() - started
+        size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    vectors_bytes = entry.new_values * 384 * 4 * 2  # values blocks + flat index
+    return {
+        "datasets": entry.datasets,
+        "rows": entry.rows,
+        "cells": entry.cells,
+        "distinct_values": entry.new_values,
+        "ingest_seconds": round(seconds, 1),
+        "rows_and_cells_mb": round(size / 1e6, 1),
+        "projected_vectors_mb": round(vectors_bytes / 1e6, 1),
+        "projected_embed_hours_here": round(entry.new_values / rate / 3600, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=DEFAULT_TASKS)
+    parser.add_argument("--estimate-full", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("REBASE_BENCH_TMP")) as tmp:
+        out = Path(tmp) / "store"
+        rebase = run_rebase(args.tasks, out)
+        plain = run_plain(out)
+    embed_seconds = rebase["stage_seconds"]["embed"]
+    rebase_rate = rebase["embedded"] / embed_seconds
+    plain_rate = plain["texts"] / plain["encode_seconds"]
+    plain_rate_with_load = plain["texts"] / (plain["encode_seconds"] + plain["load_seconds"])
+    cells_rate = rebase["cells"] / embed_seconds
+    report = {
+        "cells": rebase["cells"],
+        "distinct_values_embedded": rebase["embedded"],
+        "rebase_embed_stage_seconds": round(embed_seconds, 1),
+        "rebase_stage_seconds": {k: round(v, 1) for k, v in rebase["stage_seconds"].items()},
+        "plain_encode_seconds": round(plain["encode_seconds"], 1),
+        "plain_load_seconds": round(plain["load_seconds"], 1),
+        "rebase_values_per_s": round(rebase_rate, 1),
+        "rebase_cells_per_s": round(cells_rate, 1),
+        "plain_texts_per_s": round(plain_rate, 1),
+        "ratio_per_embedded_text": round(rebase_rate / plain_rate, 2),
+        "ratio_per_cell_with_distinct_values": round(cells_rate / plain_rate, 2),
+        "ratio_per_cell_vs_plain_including_its_model_load": round(cells_rate / plain_rate_with_load, 2),
+        "rebase_peak_rss_mb": round(rebase["peak_rss"] / 1e6),
+        "plain_peak_rss_mb": round(plain["peak_rss"] / 1e6),
+    }
+    if args.estimate_full:
+        report["full_bigbench"] = estimate_full(rebase_rate)
+    print(json.dumps(report, indent=2))
+    print(
+        f"embedding: rebase {rebase_rate:.0f} values/s vs plain {plain_rate:.0f} texts/s "
+        f"(x{rebase_rate / plain_rate:.2f} per text, x{cells_rate / plain_rate:.2f} per cell counting distinct values)"
+    )
+
+
+if __name__ == "__main__":
+    main()

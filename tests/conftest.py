@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray for in-process tests, small generated source files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+        for line in extra_lines:
+            handle.write(line + "\n")
+
+
+@pytest.fixture
+def source_files(tmp_path):
+    """Three small datasets in three formats, with a nested field, a class label and a malformed line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    qa = [
+        {"question": f"Which planet is number {i} from the sun?", "answer": f"planet {i}", "meta": {"level": i % 3}}
+        for i in range(40)
+    ]
+    write_jsonl(data / "qa.jsonl", qa, extra_lines=["{not json"])
+    (data / "qa.jsonl.description.txt").write_text("Questions about planets and their order from the sun.")
+    with open(data / "reviews.csv", "w") as handle:
+        handle.write("review,stars\n")
+        for i in range(30):
+            handle.write(f'"The film number {i} was {"great" if i % 2 else "dull"}",{i % 5}\n')
+    labels = ["entailment", "neutral", "contradiction"]
+    table = pa.table(
+        {
+            "premise": [f"A person walks a dog in park {i}." for i in range(60)],
+            "hypothesis": [f"Someone is outside, case {i}." for i in range(60)],
+            "label": [i % 3 for i in range(60)],
+        }
+    )
+    features = {
+        "premise": {"dtype": "string", "_type": "Value"},
+        "hypothesis": {"dtype": "string", "_type": "Value"},
+        "label": {"names": labels, "_type": "ClassLabel"},
+    }
+    metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), data / "nli.parquet")
+    return data
