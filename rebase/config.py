@@ -84,5 +84,10 @@ def load_config(model: type[Config], path: Path, overrides: dict | None = None) 
         raise RebaseError(f"{path}: not valid YAML{where}") from None
     if not isinstance(values, dict):
         raise RebaseError(f"{path}: expected a mapping of fields at the top level")
-    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return build_config(model, values, origin=str(path))
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    try:
+        return model.model_validate({**values, **given})
+    except ValidationError as error:
+        field = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else ""
+        origin = "command line" if field in given else str(path)
+        raise RebaseError(f"{origin}: {_describe(error)}") from None

@@ -130,9 +130,6 @@ def test_override_can_set_a_field_the_yaml_leaves_out(tmp_path):
     assert config.out == Path("elsewhere")
 
 
-@pytest.mark.xfail(
-    reason="BUG: an invalid command-line override is reported as a bad field in the YAML file", strict=True
-)
 def test_bad_override_is_not_blamed_on_the_file(tmp_path):
     path = write_config(tmp_path, GOOD_YAML)
     message = load_error(path, {"rows_per_dataset": 0})

@@ -117,9 +117,6 @@ def test_dataset_ids_drop_only_the_last_suffix(tmp_path):
     assert file_dataset_ids([tmp_path / "data.v2.csv"]) == ["files/data.v2"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: data.csv and data.jsonl in one folder raise 'two sources name the same file'", strict=True
-)
 def test_dataset_ids_tell_apart_equal_stems_with_different_formats(tmp_path):
     ids = file_dataset_ids([tmp_path / "data.csv", tmp_path / "data.jsonl"])
     assert len(set(ids)) == 2
@@ -179,9 +176,6 @@ def test_jsonl_malformed_rows_that_are_not_wanted_are_not_reported(tmp_path):
     assert read_all(RowFile(str(path), "jsonl"), {0, 2}) == [(0, {"a": 1}, ""), (2, {"a": 3}, "")]
 
 
-@pytest.mark.xfail(
-    reason="BUG: a JSONL line that is not UTF-8 raises AttributeError (UnicodeDecodeError has no .msg)", strict=True
-)
 def test_jsonl_line_that_is_not_utf8_is_none_with_its_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"a": "caf\xe9"}\n{"a": 2}\n')
@@ -225,10 +219,6 @@ def test_csv_with_a_numeric_first_line_is_rejected_on_read(tmp_path):
         read_all(RowFile(str(path), "csv"), {0})
 
 
-@pytest.mark.xfail(
-    reason="BUG: RowFile.count() counts CSV lines, not records, so a quoted multi-line field inflates it",
-    strict=True,
-)
 def test_csv_count_matches_the_records_read_with_a_multiline_field(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text('text,label\n"line one\nline two",a\nplain,b\n')
@@ -241,21 +231,18 @@ def test_csv_count_matches_the_records_read_with_a_multiline_field(tmp_path):
     assert row_file.count() == 2
 
 
-@pytest.mark.xfail(reason="BUG: a UTF-8 BOM (Excel's 'CSV UTF-8') stays in the first column name", strict=True)
 def test_csv_with_a_byte_order_mark_has_clean_column_names(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_bytes("\ufeffid,name\n1,Ann\n".encode())
     assert read_all(RowFile(str(path), "csv"), {0}) == [(0, {"id": "1", "name": "Ann"}, "")]
 
 
-@pytest.mark.xfail(reason="BUG: header names are stripped for the header check but not for the row keys", strict=True)
 def test_csv_header_names_are_stripped_in_rows(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("name, age\nAnn,31\n")
     assert read_all(RowFile(str(path), "csv"), {0}) == [(0, {"name": "Ann", "age": "31"}, "")]
 
 
-@pytest.mark.xfail(reason="BUG: a CSV that is not UTF-8 raises UnicodeDecodeError, not RebaseError", strict=True)
 def test_csv_that_is_not_utf8_is_a_rebase_error(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_bytes(b"name,city\nAnn,K\xf6ln\n")
@@ -320,9 +307,6 @@ def test_label_names_of_text_files_are_empty(tmp_path):
     assert RowFile(str(path), "jsonl").label_names() == {}
 
 
-@pytest.mark.xfail(
-    reason="BUG: Sequence(ClassLabel) features are ignored, so list label ids are never named", strict=True
-)
 def test_class_label_names_of_a_label_sequence(tmp_path):
     features = {
         "labels": {"feature": {"names": ["anger", "joy"], "_type": "ClassLabel"}, "_type": "Sequence"},
@@ -476,10 +460,6 @@ def test_fingerprint_changes_with_the_description_argument(tmp_path):
     assert open_source(f"files:{tmp_path}", "one").fingerprint != open_source(f"files:{tmp_path}", "two").fingerprint
 
 
-@pytest.mark.xfail(
-    reason="BUG: a changed description sidecar leaves the fingerprint unchanged, so a rebuild skips it",
-    strict=True,
-)
 def test_fingerprint_changes_when_a_description_sidecar_changes(tmp_path):
     write_jsonl(tmp_path / "rows.jsonl", [{"q": "x"}])
     sidecar = tmp_path / "rows.jsonl.description.txt"

@@ -89,14 +89,16 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise RebaseError(f"{directory} is not a rebase datastore (no {MANIFEST})")
     try:
-        manifest = Manifest.model_validate(json.loads(path.read_text()))
-    except (ValueError, ValidationError):
+        data = json.loads(path.read_text())
+    except ValueError:
         raise RebaseError(f"{path} is damaged or not a rebase manifest") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise RebaseError(
-            f"{directory} has datastore format {manifest.format_version}; this rebase reads {FORMAT_VERSION}"
-        )
-    return manifest
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version != FORMAT_VERSION:
+        raise RebaseError(f"{directory} has datastore format {version}; this rebase reads {FORMAT_VERSION}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError:
+        raise RebaseError(f"{path} is damaged or not a rebase manifest") from None
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

@@ -53,9 +53,10 @@ class RowFile:
         if self.format == "parquet":
             with self.open() as handle:
                 return pq.ParquetFile(handle).metadata.num_rows
+        if self.format == "csv":
+            return sum(1 for _ in self._csv_records()[1])
         with self.open() as handle:
-            lines = sum(1 for line in handle if line.strip())
-        return lines - 1 if self.format == "csv" else lines
+            return sum(1 for line in handle if line.strip())
 
     def label_names(self) -> dict[str, list[str]]:
         """Class-label names from the `huggingface` schema metadata that Hub parquet files carry."""
@@ -67,11 +68,13 @@ class RowFile:
             features = json.loads(metadata[b"huggingface"])["info"]["features"]
         except (KeyError, ValueError, TypeError):
             return {}
-        return {
-            name: feature["names"]
-            for name, feature in features.items()
-            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature
-        }
+        names = {}
+        for name, feature in features.items():
+            if isinstance(feature, dict) and feature.get("_type") in ("Sequence", "List"):
+                feature = feature.get("feature")  # a list of labels, as in multi-label datasets
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature:
+                names[name] = feature["names"]
+        return names
 
     def read(self, wanted: set[int]) -> Iterator[tuple[int, dict | None, str]]:
         """Yield (row number, row or None if malformed, why) for the wanted row numbers, in order."""
@@ -99,8 +102,9 @@ class RowFile:
                 if number in wanted:
                     try:
                         row = json.loads(line)
-                    except ValueError as error:
-                        yield number, None, f"line {line_number}: not JSON ({error.msg})"
+                    except ValueError as error:  # also UnicodeDecodeError
+                        reason = getattr(error, "msg", None) or getattr(error, "reason", None) or str(error)
+                        yield number, None, f"line {line_number}: not JSON ({reason})"
                     else:
                         if isinstance(row, dict):
                             yield number, row, ""
@@ -109,20 +113,36 @@ class RowFile:
                 number += 1
 
     def _read_csv(self, wanted: set[int]):
-        with self.open() as handle:
-            reader = csv.reader(io.TextIOWrapper(handle, encoding="utf-8", newline=""))
-            header = next(reader, None) or []
-            check_csv_header(self.path, header)
-            number = 0
-            for record in reader:
-                if not any(cell.strip() for cell in record):
-                    continue
-                if number in wanted:
-                    if len(record) != len(header):
-                        yield number, None, f"row {number + 1}: {len(record)} fields, header has {len(header)}"
-                    else:
-                        yield number, dict(zip(header, record)), ""
-                number += 1
+        header, records = self._csv_records()
+        for number, record in enumerate(records):
+            if number in wanted:
+                if len(record) != len(header):
+                    yield number, None, f"row {number + 1}: {len(record)} fields, header has {len(header)}"
+                else:
+                    yield number, dict(zip(header, record)), ""
+
+    def _csv_records(self) -> tuple[list[str], Iterator[list[str]]]:
+        """The checked header and a stream of the non-blank records after it (quoted newlines allowed)."""
+        handle = self.open()
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")  # -sig: Excel's byte order mark
+        reader = csv.reader(text)
+        try:
+            header = [name.strip() for name in next(reader, None) or []]
+        except UnicodeDecodeError:
+            text.close()
+            raise RebaseError(f"{self.path}: not UTF-8 text; save it as UTF-8") from None
+        check_csv_header(self.path, header)
+
+        def records() -> Iterator[list[str]]:
+            with text:
+                try:
+                    for record in reader:
+                        if any(cell.strip() for cell in record):
+                            yield record
+                except UnicodeDecodeError:
+                    raise RebaseError(f"{self.path}: not UTF-8 text; save it as UTF-8") from None
+
+        return header, records()
 
 
 def check_csv_header(path: str, header: list[str]) -> None:
@@ -365,24 +385,31 @@ def _files_source(spec: str, pattern: str, description: str | None) -> Source:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     digest.update(f"\0{description}".encode())
+    for sidecar in sorted({s for match in matches for s in _sidecars(match) if s.is_file()}):
+        digest.update(b"\0" + sidecar.read_bytes())  # an edited description is a changed source
     ids = file_dataset_ids(matches)
     return Source(spec, "files", digest.hexdigest(), lambda: _file_datasets(matches, ids, description))
 
 
 def file_dataset_ids(paths: list[Path]) -> list[str]:
     """`files/<stem>` per file, with parent folders added until the ids are unique."""
-    parts = [list(p.resolve().with_suffix("").parts) for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        ids = ["/".join(p[-depth:]) for p in parts]
-        if len(set(ids)) == len(ids):
-            return [f"files/{i}" for i in ids]
-    raise RebaseError("two sources name the same file")
+    for keep_suffix in (False, True):  # data.csv beside data.jsonl: ids keep their extensions
+        parts = [list((p.resolve() if keep_suffix else p.resolve().with_suffix("")).parts) for p in paths]
+        for depth in range(1, max(len(p) for p in parts) + 1):
+            ids = ["/".join(p[-depth:]) for p in parts]
+            if len(set(ids)) == len(ids):
+                return [f"files/{i}" for i in ids]
+    raise RebaseError("the same file is named twice")
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """Where a file's description may be, first match wins: `<file>.description.txt`, `description.txt`."""
+    return [path.with_name(path.name + ".description.txt"), path.with_name("description.txt")]
 
 
 def _file_datasets(paths: list[Path], ids: list[str], description: str | None) -> Iterator[Dataset]:
     for path, dataset_id in zip(paths, ids):
-        sidecars = [path.with_name(path.name + ".description.txt"), path.with_name("description.txt")]
-        text = next((s.read_text().strip() for s in sidecars if s.is_file()), None) or description
+        text = next((s.read_text().strip() for s in _sidecars(path) if s.is_file()), None) or description
         yield Dataset(
             dataset_id=dataset_id,
             config="default",
