@@ -42,6 +42,7 @@ from rebase.io import (
     write_parquet_atomic,
 )
 from rebase.models import canonical_model_name, resolve_model
+from rebase.progress import progress_bar
 
 ROWS_PER_PART = 20_000
 DESCRIPTIONS_BLOCK = "descriptions.parquet"
@@ -119,15 +120,20 @@ def build_datastore(config: DatastoreConfig) -> BuildSummary:
     entries = [_entry_for(manifest, source) for source in todo]
     for entry in entries:
         if entry.state == "ingesting":
-            _clear_source(out, entry.key)
-    write_manifest(out, manifest)
+            _clear_source(out, entry.key)  # what an interrupted ingestion of it left behind
     known_values = _known_ids(out)
     known_datasets = _known_datasets(out, manifest)
     stages: dict[str, float] = {}
     clock = time.monotonic()
     for source, entry in zip(todo, entries):
         if entry.state == "ingesting":
-            _ingest(out, source, entry, config, known_values, known_datasets)
+            try:
+                _ingest(out, source, entry, config, known_values, known_datasets)
+            except RebaseError:
+                # Bad input in this source: leave the store exactly as it was before this build.
+                _clear_source(out, entry.key)
+                manifest.sources.remove(entry)
+                raise
             entry.state = "ingested"
             write_manifest(out, manifest)
     del known_values
@@ -268,7 +274,7 @@ def _ingest(
     datasets: list[dict] = []
     entry.datasets = entry.rows = entry.cells = entry.new_values = entry.skipped_rows = 0
     problems: list[str] = []
-    bar = tqdm(source.datasets(), desc=f"reading {source.spec}", unit=" datasets", file=sys.stderr)
+    bar = progress_bar(source.datasets(), desc=f"reading {source.spec}", unit=" datasets")
     for dataset in bar:
         earlier = known_datasets.get((dataset.dataset_id, dataset.config))
         if earlier is not None:
@@ -342,7 +348,7 @@ def _ingest(
         entry.datasets += 1
         entry.rows += kept
         entry.skipped_rows += skipped
-        bar.set_postfix(rows=entry.rows, cells=entry.cells)
+        bar.set_postfix(rows=entry.rows, cells=entry.cells, refresh=False)
     bar.close()
     if problems and not datasets:
         raise RebaseError(
@@ -377,7 +383,7 @@ def _embed_pending(out: Path, entries: list[SourceEntry], model_path: str, confi
         return 0
     total = sum(parquet_rows(p) for p in pending)
     threads, concurrency = embedding_resources(config, gpus)
-    with tqdm(total=total, desc="embedding distinct values", unit=" values", file=sys.stderr) as bar:
+    with progress_bar(total=total, desc="embedding distinct values", unit=" values") as bar:
         return embed_blocks(
             pending,
             lambda block: _values_path(out, block),
@@ -435,7 +441,7 @@ def _build_shards(out: Path, manifest: Manifest, entries: list[SourceEntry], con
     futures = {
         task.remote(blocks, file, kind, manifest.embedder.dimension): entry for entry, blocks, file, kind in plans
     }
-    with tqdm(total=len(futures), desc="building index shards", unit=" shards", file=sys.stderr) as bar:
+    with progress_bar(total=len(futures), desc="building index shards", unit=" shards") as bar:
         remaining = list(futures)
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=1)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from rebase.errors import RebaseError
 from rebase.io import cache_dir, write_json_atomic
+from rebase.progress import progress_bar
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -261,7 +261,7 @@ def _download_bigbench(path: Path) -> None:
     try:
         with urllib.request.urlopen(entry["url"], timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {BIGBENCH_FILE}") as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"downloading {BIGBENCH_FILE}") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)

@@ -1,0 +1,129 @@
+"""The `rebase` command as a user runs it: one clear line and exit 2 on bad input, data kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rebase.datastore import read_manifest
+from rebase.datastore.manifest import MANIFEST
+
+
+def rebase(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "rebase", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rebase: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory):
+    """A small real datastore built once through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "a.jsonl").write_text(
+        "".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) + "\n" for i in range(20))
+    )
+    out = root / "store"
+    result = rebase(
+        "datastore", "build", "--source", f"files:{root}/a.jsonl", "--out", str(out), "--description", "Q&A"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"datastore {out}: 1 datasets, 20 rows, 40 cells, 40 distinct values")
+    return root, out
+
+
+def test_info_describes_the_store(built_store):
+    _, out = built_store
+    result = rebase("datastore", "info", str(out))
+    assert result.returncode == 0
+    assert "builtin:minilm  dim=384" in result.stdout
+    assert "1 datasets, 20 rows, 40 cells, 40 distinct values" in result.stdout
+    info = json.loads(rebase("datastore", "info", str(out), "--json").stdout)
+    assert info["counts"]["vectors"] == 40 and info["sources"][0]["state"] == "complete"
+
+
+def _bad_inputs(root, out):
+    (root / "empty.jsonl").write_text("")
+    (root / "broken.jsonl").write_text("{not json\n[1, 2]\n")
+    (root / "noheader.csv").write_text("1,2,3\n4,5,6\n")
+    (root / "notes.txt").write_text("hello")
+    (root / "junk").mkdir(exist_ok=True)
+    (root / "junk" / "file.bin").write_text("x")
+    other = ["--out", str(out)]
+    return [
+        (["--source", f"files:{root}/missing.jsonl", *other], ["no parquet, jsonl or csv file matches"]),
+        (["--source", f"files:{root}/empty.jsonl", *other], ["empty.jsonl: the file is empty"]),
+        (["--source", f"files:{root}/broken.jsonl", *other], ["no readable rows", "line 1: not JSON"]),
+        (["--source", f"files:{root}/noheader.csv", *other], ["does not look like a header"]),
+        (["--source", f"files:{root}/notes.txt", *other], ["unsupported file type"]),
+        (["--source", "kaggle:titanic", *other], ["unknown source kind 'kaggle'"]),
+        (["--source", "bigbench:no_such_task_here", *other], ["BIG-bench has no task 'no_such_task_here'"]),
+        (["--source", f"files:{root}/a.jsonl", "--out", str(root / "junk")], ["is not a rebase datastore"]),
+        (["--source", f"files:{root}/a.jsonl", "--out", str(root / "notes.txt")], ["is a file"]),
+        (["--source", f"files:{root}/a.jsonl", *other, "--embedder", "builtin:other"], ["built with embedder"]),
+        (["--source", f"files:{root}/a.jsonl", *other, "--rows-per-dataset", "5"], ["rows_per_dataset"]),
+        (
+            ["--source", f"files:{root}/a.jsonl", "--out", str(root / "new"), "--embedder", "builtin:nope"],
+            ["unknown built-in model 'builtin:nope'"],
+        ),
+        (
+            [
+                "--source",
+                f"files:{root}/a.jsonl",
+                "--out",
+                str(root / "new2"),
+                "--embedder",
+                "no-such-org/no-such-model",
+            ],
+            ["could not be fetched"],
+        ),
+        (["--source", f"files:{root}/a.jsonl", *other, "--embed-concurrency", "3,1"], ["embed_concurrency"]),
+        (["--out", str(out)], ["needs --source"]),
+        (["--config", str(root / "missing.yaml")], ["config file not found"]),
+    ]
+
+
+def test_bad_inputs_fail_with_one_line_and_keep_the_store(built_store):
+    root, out = built_store
+    before = (out / MANIFEST).read_text()
+    for args, fragments in _bad_inputs(root, out):
+        started = time.monotonic()
+        result = rebase("datastore", "build", *args, timeout=120)
+        assert_one_line_error(result, *fragments)
+        assert time.monotonic() - started < 60, args
+    assert (out / MANIFEST).read_text() == before  # nothing already produced was touched
+    assert read_manifest(out).counts()["rows"] == 20
+    assert_one_line_error(rebase("datastore", "info", str(root / "junk")), "is not a rebase datastore")
+    assert_one_line_error(rebase("datastore", "info", str(root / "nowhere")), "no such datastore directory")
+
+
+def test_hf_source_fails_fast_and_clearly_offline(tmp_path, monkeypatch):
+    started = time.monotonic()
+    result = rebase("datastore", "build", "--source", "hf:squad", "--out", str(tmp_path / "s"), timeout=120)
+    assert_one_line_error(result, "hf:squad", "Hugging Face Hub")
+    assert time.monotonic() - started < 60
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = rebase("datastore", "build", "--source", "hf:squad", "--out", str(tmp_path / "s"), timeout=120)
+    assert_one_line_error(result, "HF_HUB_OFFLINE")
+    assert not (tmp_path / "s").exists()
+
+
+def test_yaml_config_with_flag_override(tmp_path, built_store):
+    root, _ = built_store
+    config = tmp_path / "store.yaml"
+    config.write_text(f"sources: ['files:{root}/a.jsonl']\nout: {tmp_path / 'from_yaml'}\nrows_per_dataset: oops\n")
+    assert_one_line_error(rebase("datastore", "build", "--config", str(config)), str(config), "rows_per_dataset")
+    result = rebase("datastore", "build", "--config", str(config), "--rows-per-dataset", "7")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_manifest(tmp_path / "from_yaml").counts()["rows"] == 7
