@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--embed-batch-size", type=int, dest="embed_batch_size")
     build.add_argument("--embed-concurrency", type=_concurrency, dest="embed_concurrency", metavar="MIN,MAX")
     build.add_argument("--embed-threads", type=int, dest="embed_threads")
+    build.add_argument("--embed-max-tokens", type=int, dest="embed_max_tokens")
     build.add_argument("--shard-vectors", type=int, dest="shard_vectors")
 
     info = datastore_commands.add_parser("info", help="describe a datastore")
@@ -77,10 +78,8 @@ def _datastore_info(args: argparse.Namespace) -> int:
     embedder = info["embedder"]
     print(f"datastore   {info['path']}  (created {info['created']}, updated {info['updated']})")
     print(f"embedder    {embedder['name']}  dim={embedder['dimension']}  normalized={embedder['normalized']}")
-    print(
-        f"settings    rows_per_dataset={info['settings']['rows_per_dataset']}  "
-        f"max_value_chars={info['settings']['max_value_chars']}  index={info['index']}"
-    )
+    settings = "  ".join(f"{key}={value}" for key, value in info["settings"].items())
+    print(f"settings    {settings}  index={info['index']}")
     print(
         f"contents    {counts['datasets']:,} datasets, {counts['rows']:,} rows, {counts['cells']:,} cells, "
         f"{counts['distinct_values']:,} distinct values, {counts['skipped_rows']:,} malformed rows skipped"

@@ -26,6 +26,9 @@ class DatastoreConfig(StageConfig):
     index: IndexKind = "auto"
     rows_per_dataset: int = Field(1000, ge=1, description="row cap per dataset, sampled evenly (paper: 1,000)")
     max_value_chars: int = Field(1000, ge=16, description="longer cell values are truncated")
+    embed_max_tokens: int | None = Field(
+        None, ge=8, description="truncate texts to this many tokens when embedding; default: the model's own limit"
+    )
     description: str | None = Field(None, description="description for files: sources without a sidecar")
     block_rows: int = Field(1024, ge=1, description="distinct values per embedding block (the resume unit)")
     embed_batch_size: int = Field(32, ge=1, description="texts per forward pass; small batches pad less")

@@ -103,6 +103,9 @@ def test_bad_inputs_fail_with_one_line_and_keep_the_store(built_store):
         assert_one_line_error(result, *fragments)
         assert time.monotonic() - started < 60, args
     assert (out / MANIFEST).read_text() == before  # nothing already produced was touched
+    result = rebase("datastore", "build", "--source", f"files:{root}/broken.jsonl", "--out", str(root / "fresh"))
+    assert_one_line_error(result, "no readable rows")
+    assert not (root / "fresh").exists()  # a store this build would have created is not left half-made
     assert read_manifest(out).counts()["rows"] == 20
     assert_one_line_error(rebase("datastore", "info", str(root / "junk")), "is not a rebase datastore")
     assert_one_line_error(rebase("datastore", "info", str(root / "nowhere")), "no such datastore directory")

@@ -71,7 +71,7 @@ def test_manifest_on_disk_is_plain_json(tmp_path):
     data = json.loads((tmp_path / MANIFEST).read_text())
     assert data["format_version"] == FORMAT_VERSION == 1
     assert data["embedder"] == {"name": "builtin:minilm", "dimension": 384, "normalized": True}
-    assert data["settings"] == {"rows_per_dataset": 1000, "max_value_chars": 1000}
+    assert data["settings"] == {"rows_per_dataset": 1000, "max_value_chars": 1000, "embed_max_tokens": None}
     assert [s["state"] for s in data["sources"]] == ["complete", "complete", "ingested", "ingesting"]
     assert data["sources"][1]["shards"][1] == {"file": "shards/2.faiss", "kind": "ivf", "vectors": 3, "nlist": 4}
 

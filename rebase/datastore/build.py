@@ -111,6 +111,7 @@ def build_datastore(config: DatastoreConfig) -> BuildSummary:
     started = time.monotonic()
     out = config.out
     sources = _unique([open_source(spec, config.description) for spec in config.sources])
+    created = not out.exists()
     manifest = _open_or_create(out, config)
     model_path = str(resolve_model(config.embedder))
     todo = [s for s in sources if (e := manifest.source(s.fingerprint)) is None or e.state != "complete"]
@@ -133,6 +134,8 @@ def build_datastore(config: DatastoreConfig) -> BuildSummary:
                 # Bad input in this source: leave the store exactly as it was before this build.
                 _clear_source(out, entry.key)
                 manifest.sources.remove(entry)
+                if created and not manifest.sources:
+                    _remove_new_store(out)
                 raise
             entry.state = "ingested"
             write_manifest(out, manifest)
@@ -167,7 +170,11 @@ def _unique(sources: list[Source]) -> list[Source]:
 def _open_or_create(out: Path, config: DatastoreConfig) -> Manifest:
     """Open the datastore at `out`, or start one there; refuse anything that is not ours or not compatible."""
     name = canonical_model_name(config.embedder)
-    settings = Settings(rows_per_dataset=config.rows_per_dataset, max_value_chars=config.max_value_chars)
+    settings = Settings(
+        rows_per_dataset=config.rows_per_dataset,
+        max_value_chars=config.max_value_chars,
+        embed_max_tokens=config.embed_max_tokens,
+    )
     if out.exists() and not out.is_dir():
         raise RebaseError(f"--out {out} is a file, not a directory")
     if (out / MANIFEST).exists():
@@ -206,6 +213,13 @@ def _clear_source(out: Path, key: str) -> None:
     """Remove what a source's unfinished ingestion left, so it can start again cleanly."""
     for part in ("rows", "cells", "values", "staging"):
         shutil.rmtree(out / part / key, ignore_errors=True)
+
+
+def _remove_new_store(out: Path) -> None:
+    """Undo a store this build created when its only source turned out to be bad input."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for part in ("rows", "cells", "values", "staging", ""):
+        _remove_if_empty(out / part)
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -389,6 +403,7 @@ def _embed_pending(out: Path, entries: list[SourceEntry], model_path: str, confi
             lambda block: _values_path(out, block),
             model_path,
             batch_size=config.embed_batch_size,
+            max_tokens=config.embed_max_tokens,
             concurrency=concurrency,
             gpus=gpus,
             threads=threads,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rebase.io import numpy_to_embeddings, parquet_rows, write_parquet_atomic
 
@@ -21,7 +22,9 @@ VALUES_SCHEMA_FIELDS = ("value_id", "kind")
 class Embedder:
     """A sentence-transformers model in one Ray actor (or plain process): texts in, unit vectors out."""
 
-    def __init__(self, model_path: str, batch_size: int = 32, threads: int | None = None):
+    def __init__(
+        self, model_path: str, batch_size: int = 32, threads: int | None = None, max_tokens: int | None = None
+    ):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -29,6 +32,8 @@ class Embedder:
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
         self.model = SentenceTransformer(model_path, device=device)
+        if max_tokens:
+            self.model.max_seq_length = min(max_tokens, self.model.max_seq_length or max_tokens)
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -61,6 +66,15 @@ def embedding_dimension(model_path: str) -> int:
     return Embedder(model_path).model.get_sentence_embedding_dimension()
 
 
+def read_pending_block(batch: pa.Table) -> pa.Table:
+    """A batch of pending-file paths -> their rows, each tagged with the file it came from."""
+    tables = []
+    for path in batch.column("path").to_pylist():
+        table = pq.read_table(path, columns=["value_id", "kind", "text"])
+        tables.append(table.append_column("path", pa.array([path] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
 def _block_key(path: str) -> str:
     parts = Path(path).parts
     return "/".join(parts[-3:])  # <source key>/pending/block-NNNNN.parquet
@@ -74,6 +88,7 @@ def embed_blocks(
     concurrency: tuple[int, int],
     gpus: float,
     threads: int,
+    max_tokens: int | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> int:
     """Embed the pending blocks through a Ray Data actor pool; write one values block per pending block.
@@ -88,14 +103,17 @@ def embed_blocks(
         return 0
     expected = {_block_key(str(p)): parquet_rows(p) for p in pending}
     targets = {_block_key(str(p)): output_for(p) for p in pending}
-    # One Ray block per pending file, so the actor pool sees a queue it can scale against.
-    dataset = ray.data.read_parquet([str(p) for p in pending], include_paths=True, override_num_blocks=len(pending))
+    # One Ray block per pending file (Ray's parquet reader would bundle small files into one read task,
+    # leaving the actor pool nothing to scale against and the driver nothing to write until the end).
+    dataset = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
+    dataset = dataset.map_batches(read_pending_block, batch_size=1, batch_format="pyarrow")
     dataset = dataset.map_batches(
         Embedder,
         fn_constructor_kwargs={
             "model_path": model_path,
             "batch_size": batch_size,
             "threads": None if gpus else threads,
+            "max_tokens": max_tokens,
         },
         batch_size=None,  # a whole block per call: encode() sorts it by length, so batches pad little
         batch_format="numpy",

@@ -27,6 +27,7 @@ class Settings(BaseModel):
 
     rows_per_dataset: int
     max_value_chars: int
+    embed_max_tokens: int | None = None
 
 
 class Shard(BaseModel):
