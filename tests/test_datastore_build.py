@@ -224,3 +224,27 @@ def test_build_from_bigbench_tasks(tmp_path):
     assert first["input"] == example["input"].strip()[:1000]
     assert first["output"] == bigbench_row(example)["output"]
     assert summary.counts["rows"] == sum(min(200, len(t["examples"])) for t in expected.values())
+
+
+def test_values_waiting_from_an_earlier_build_are_finished_and_orphans_swept(tmp_path, source_files):
+    from rebase.errors import RebaseError
+
+    (source_files / "bad.jsonl").write_text("{oops\n")
+    out = tmp_path / "store"
+    # qa is ingested, then the bad file stops the build before anything is embedded.
+    with pytest.raises(RebaseError, match="no readable rows"):
+        build_datastore(_config(out, [f"files:{source_files}/qa.jsonl", f"files:{source_files}/bad.jsonl"]))
+    assert [s.state for s in read_manifest(out).sources] == ["ingested"]
+    orphan = out / "rows" / "0123456789ab"
+    orphan.mkdir(parents=True)
+    (orphan / "part-00000.parquet").write_bytes(b"left by a killed ingestion")
+
+    # A later build names only another source that shares values with qa; qa is finished as well,
+    # so every cell of the store has its vector.
+    (source_files / "more.jsonl").write_text(json.dumps({"question": "Which planet is number 3 from the sun?"}) + "\n")
+    summary = build_datastore(_config(out, [f"files:{source_files}/more.jsonl"]))
+    assert [s.state for s in read_manifest(out).sources] == ["complete", "complete"]
+    assert summary.counts["rows"] == 41
+    cells = _table(out, "cells")
+    assert set(cells.column("value_id").to_pylist()) <= set(_value_vectors(out))
+    assert not orphan.exists()

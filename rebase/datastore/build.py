@@ -8,6 +8,7 @@ resumes: ingestion restarts for the source it was in, embedding skips every bloc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -118,16 +119,19 @@ def build_datastore(config: DatastoreConfig) -> BuildSummary:
     if not todo:
         return BuildSummary(out, manifest.counts(), 0, 0, 0, time.monotonic() - started)
 
+    _sweep_unrecorded(out, manifest)
     entries = [_entry_for(manifest, source) for source in todo]
-    for entry in entries:
-        if entry.state == "ingesting":
-            _clear_source(out, entry.key)  # what an interrupted ingestion of it left behind
+    # Sources ingested by an interrupted earlier build are finished too, even if not named this time:
+    # their pending values may be the only copy of values that newer rows point to.
+    entries += [e for e in manifest.sources if e.state == "ingested" and e not in entries]
     known_values = _known_ids(out)
     known_datasets = _known_datasets(out, manifest)
     stages: dict[str, float] = {}
     clock = time.monotonic()
     for source, entry in zip(todo, entries):
         if entry.state == "ingesting":
+            if not any(e is entry for e in manifest.sources):
+                manifest.sources.append(entry)
             try:
                 _ingest(out, source, entry, config, known_values, known_datasets)
             except RebaseError:
@@ -202,11 +206,21 @@ def _open_or_create(out: Path, config: DatastoreConfig) -> Manifest:
 def _entry_for(manifest: Manifest, source: Source) -> SourceEntry:
     entry = manifest.source(source.fingerprint)
     if entry is None:
+        # Recorded in the manifest only once its ingestion starts (see build_datastore).
         entry = SourceEntry(
             spec=source.spec, kind=source.kind, fingerprint=source.fingerprint, key=source.fingerprint[:12]
         )
-        manifest.sources.append(entry)
     return entry
+
+
+def _sweep_unrecorded(out: Path, manifest: Manifest) -> None:
+    """Remove what interrupted ingestions left: source folders the manifest does not record."""
+    recorded = {e.key for e in manifest.sources}
+    for part in ("rows", "cells", "values", "staging"):
+        if (out / part).is_dir():
+            for folder in (out / part).iterdir():
+                if folder.is_dir() and folder.name not in recorded:
+                    shutil.rmtree(folder)
 
 
 def _clear_source(out: Path, key: str) -> None:
@@ -413,8 +427,6 @@ def _embed_pending(out: Path, entries: list[SourceEntry], model_path: str, confi
 
 def embedding_resources(config: DatastoreConfig, gpus: float) -> tuple[int, tuple[int, int]]:
     """Torch threads per CPU actor and the (min, max) actor pool size, from the config or the cluster."""
-    import os
-
     import ray
 
     threads = config.embed_threads or min(4, os.cpu_count() or 1)
