@@ -1,0 +1,78 @@
+"""The ReBase score and row selection on hand-computed cases (pure functions, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rebase.retrieve import TaskQuery, cell_similarities, rebase_scores, row_maxima, select_rows, task_query
+from rebase.task import Example, TaskSpec, is_banned
+
+
+def unit(*values):
+    vector = np.array(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_task_query_averages_example_vectors_without_renormalising():
+    task = TaskSpec(
+        name="t",
+        instruction="do it",
+        examples=[Example(input="a", output="c"), Example(input="b", output="c")],
+    )
+    table = {"a": unit(1, 0, 0), "b": unit(0, 1, 0), "c": unit(0, 0, 1), "do it": unit(1, 1, 0)}
+    query = task_query(task, lambda texts: np.stack([table[t] for t in texts]))
+    np.testing.assert_allclose(query.input, [0.5, 0.5, 0])  # norm 0.707: a mean of cosines, not a cosine
+    np.testing.assert_allclose(query.output, [0, 0, 1])
+    np.testing.assert_allclose(query.instruction, unit(1, 1, 0))
+
+
+def test_score_of_a_hand_computed_case():
+    # Examples: inputs x1=(1,0,0), x2=(0,1,0); outputs y1=y2=(0,0,1); instruction I=(1,1,0)/sqrt2.
+    query = TaskQuery(
+        input=np.array([0.5, 0.5, 0], np.float32), output=np.array([0, 0, 1], np.float32), instruction=unit(1, 1, 0)
+    )
+    # Row 0: cells c0=(1,0,0), c1=(0,0.6,0.8). Row 1: cell c2=(0.6,0.8,0).
+    cells = np.stack([unit(1, 0, 0), unit(0, 0.6, 0.8), unit(0.6, 0.8, 0)])
+    sims = cell_similarities(cells, query)
+    # input sim = mean_j cos(x_j, c): c0 -> (1+0)/2 = 0.5; c1 -> (0+0.6)/2 = 0.3; c2 -> (0.6+0.8)/2 = 0.7
+    # output sim = cos(y, c): c0 -> 0; c1 -> 0.8; c2 -> 0
+    np.testing.assert_allclose(sims, [[0.5, 0.0], [0.3, 0.8], [0.7, 0.0]], atol=1e-6)
+    maxima = row_maxima(np.array([0, 0, 1]), sims, 2)
+    np.testing.assert_allclose(maxima, [[0.5, 0.8], [0.7, 0.0]], atol=1e-6)
+    # Descriptions: D0 = (1,0,0) -> cos(I, D0) = 1/sqrt2; D1 = (0,0,1) -> 0.
+    description = np.array([1 / np.sqrt(2), 0.0], np.float32)
+    scores = rebase_scores(maxima[:, 0], maxima[:, 1], description)
+    np.testing.assert_allclose(scores, [(0.5 + 0.8 + 0.70710678) / 3, 0.7 / 3], atol=1e-6)
+
+
+def test_row_without_cells_scores_minus_infinity():
+    maxima = row_maxima(np.array([1, 1]), np.array([[0.2, 0.1], [0.4, -0.3]], np.float32), 3)
+    assert np.isneginf(maxima[0]).all() and np.isneginf(maxima[2]).all()
+    np.testing.assert_allclose(maxima[1], [0.4, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("dataset_id", "banned"),
+    [
+        ("bigbench/navigate", True),
+        ("bigbench/navigate/subtask", True),
+        ("bigbench/navigate_more", False),  # a substring test would wrongly ban this
+        ("bigbench/xnavigate", False),
+        ("hf/glue", True),
+        ("hf/glue-x", False),
+        ("files/navigate", False),
+    ],
+)
+def test_bans_match_whole_id_segments(dataset_id, banned):
+    assert is_banned(dataset_id, ["bigbench/navigate", "hf/glue"]) is banned
+
+
+def test_select_rows_applies_bans_duplicates_and_the_per_dataset_cap():
+    scores = np.array([0.9, 0.8, 0.85, 0.7, 0.95, 0.6, 0.75])
+    datasets = ["a", "a", "b", "a", "banned/x", "c", "b"]
+    duplicates = ["r0", "r1", "r0", "r3", "r4", "r5", "r6"]  # row 2 is an exact copy of row 0
+    assert select_rows(scores, datasets, duplicates, top_k=10, bans=["banned"]) == [0, 1, 6, 3, 5]
+    assert select_rows(scores, datasets, duplicates, top_k=10, bans=["banned"], per_dataset_cap=1) == [0, 6, 5]
+    assert select_rows(scores, datasets, duplicates, top_k=2, bans=["banned"]) == [0, 1]
+    assert select_rows(scores, datasets, duplicates, top_k=3) == [4, 0, 1]
