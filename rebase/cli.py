@@ -44,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--embed-max-tokens", type=int, dest="embed_max_tokens")
     build.add_argument("--shard-vectors", type=int, dest="shard_vectors")
 
+    retrieve = commands.add_parser("retrieve", help="score every datastore row for a task; keep the top K")
+    retrieve.add_argument("--datastore", type=Path, required=True)
+    retrieve.add_argument("--task", type=Path, required=True, help="task YAML file")
+    retrieve.add_argument("--out", type=Path, required=True, help="retrieved directory to write")
+    retrieve.add_argument("--top-k", type=int, default=3000, dest="top_k")
+    retrieve.add_argument("--exact", action="store_true", help="scan every cell (the only mode built so far)")
+    retrieve.add_argument("--per-dataset-cap", type=int, dest="per_dataset_cap", help="most rows from one dataset")
+    retrieve.add_argument("--embedder", help="must match the datastore's embedder")
+
     info = datastore_commands.add_parser("info", help="describe a datastore")
     info.add_argument("directory", type=Path)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -100,9 +109,29 @@ def _datastore_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieve(args: argparse.Namespace) -> int:
+    from rebase.retrieve import retrieve
+    from rebase.task import load_task
+
+    if args.top_k < 1:
+        raise RebaseError("--top-k must be at least 1")
+    if args.per_dataset_cap is not None and args.per_dataset_cap < 1:
+        raise RebaseError("--per-dataset-cap must be at least 1")
+    if not args.exact:
+        print("rebase: approximate retrieval is not built yet; scanning every cell (--exact)", file=sys.stderr)
+    task = load_task(args.task)
+    summary = retrieve(args.datastore, task, args.out, args.top_k, args.per_dataset_cap, args.embedder)
+    print(summary.line())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {("datastore", "build"): _datastore_build, ("datastore", "info"): _datastore_info}
+    handlers = {
+        ("datastore", "build"): _datastore_build,
+        ("datastore", "info"): _datastore_info,
+        ("retrieve", None): _retrieve,
+    }
     try:
         return handlers[(args.command, getattr(args, "datastore_command", None))](args)
     except RebaseError as error:

@@ -130,3 +130,46 @@ def test_yaml_config_with_flag_override(tmp_path, built_store):
     result = rebase("datastore", "build", "--config", str(config), "--rows-per-dataset", "7")
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_manifest(tmp_path / "from_yaml").counts()["rows"] == 7
+
+
+def test_retrieve_command_and_its_bad_inputs(built_store, tmp_path):
+    root, out = built_store
+    task = tmp_path / "task.yaml"
+    task.write_text(
+        "name: qa\ninstruction: Answer the question.\nexamples:\n  - {input: question 3, output: answer 3}\n"
+        "ban: [files/nothing_like_this]\n"
+    )
+    result = rebase(
+        "retrieve",
+        "--datastore",
+        str(out),
+        "--task",
+        str(task),
+        "--out",
+        str(tmp_path / "r"),
+        "--top-k",
+        "5",
+        "--exact",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("retrieved 5 of top-5 rows (exact) from 1 datasets")
+    assert "ban 'files/nothing_like_this' matches no dataset" in result.stderr
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("name: qa\ninstruction: Answer.\nexamples: []\n")
+    blank = tmp_path / "blank.yaml"
+    blank.write_text("name: qa\ninstruction: ''\nexamples: [{input: a, output: b}]\n")
+    common = ["--out", str(tmp_path / "r2"), "--exact"]
+    cases = [
+        (["--datastore", str(out), "--task", str(empty), *common], ["field 'examples'"]),
+        (["--datastore", str(out), "--task", str(blank), *common], ["field 'instruction'"]),
+        (["--datastore", str(out), "--task", str(tmp_path / "none.yaml"), *common], ["config file not found"]),
+        (["--datastore", str(root), "--task", str(task), *common], ["is not a rebase datastore"]),
+        (["--datastore", str(out), "--task", str(task), "--top-k", "999", *common], ["larger than the datastore"]),
+        (
+            ["--datastore", str(out), "--task", str(task), "--embedder", "builtin:gemma3-270m", *common],
+            ["built with embedder"],
+        ),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(rebase("retrieve", *args), *fragments)
+    assert not (tmp_path / "r2").exists()

@@ -1,0 +1,94 @@
+"""Exact retrieval over a real datastore (real Ray build, real MiniLM): planted rows come first."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rebase.config import DatastoreConfig
+from rebase.datastore import build_datastore
+from rebase.errors import RebaseError
+from rebase.retrieve import retrieve
+from rebase.task import Example, TaskSpec
+
+TASK = TaskSpec(
+    name="capitals",
+    instruction="Answer questions about the capital cities of countries.",
+    examples=[
+        Example(input="What is the capital of France?", output="Paris"),
+        Example(input="What is the capital of Japan?", output="Tokyo"),
+        Example(input="What is the capital of Kenya?", output="Nairobi"),
+    ],
+    ban=["files/banned_capitals"],
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieve")
+    data = root / "data"
+    data.mkdir()
+    capitals = [
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Egypt", "Cairo"),
+        ("Peru", "Lima"),
+        ("Canada", "Ottawa"),
+        ("Norway", "Oslo"),
+    ]
+    planted = [{"question": f"Which city is the capital of {c}?", "answer": a} for c, a in capitals]
+    planted.append(dict(planted[0]))  # an exact duplicate row, to be collapsed
+    (data / "geo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in planted))
+    (data / "geo.jsonl.description.txt").write_text("Questions about the capital cities of countries.")
+    (data / "banned_capitals.jsonl").write_text(
+        "".join(json.dumps({"question": f"What is the capital of {c}?", "answer": a}) + "\n" for c, a in capitals)
+    )
+    unrelated = [
+        {"recipe": f"Whisk {i} eggs with sugar and bake for {20 + i} minutes.", "rating": str(i % 5)} for i in range(40)
+    ]
+    (data / "baking.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unrelated))
+    (data / "baking.jsonl.description.txt").write_text("Baking recipes with ratings.")
+    sport = [
+        {"sentence": f"The striker scored {i} goals in the league this season.", "label": "plausible"}
+        for i in range(40)
+    ]
+    (data / "sport.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sport))
+    (data / "sport.jsonl.description.txt").write_text("Sports sentences labelled for plausibility.")
+    out = root / "store"
+    build_datastore(DatastoreConfig(sources=[f"files:{data}"], out=out))
+    return root, out
+
+
+def test_planted_rows_come_first_and_bans_hold(store):
+    root, out = store
+    summary = retrieve(out, TASK, root / "got", top_k=10)
+    table = pq.read_table(root / "got" / "rows.parquet").to_pylist()
+    assert summary.rows == len(table) == 10
+    assert [r["rank"] for r in table] == list(range(1, 11))
+    assert all(r["dataset_id"] != "files/banned_capitals" for r in table)  # closest rows, but banned
+    assert [r["dataset_id"] for r in table[:6]] == ["files/geo"] * 6  # the six distinct planted rows first
+    assert len({r["row"] for r in table[:6]}) == 6  # the duplicate was collapsed
+    scores = [r["score"] for r in table]
+    assert scores == sorted(scores, reverse=True)
+    for r in table:
+        assert r["score"] == pytest.approx(
+            (r["input_score"] + r["output_score"] + r["description_score"]) / 3, abs=1e-5
+        )
+    stats = json.loads((root / "got" / "stats.json").read_text())
+    assert stats["rows"] == 10 and (root / "got" / "_SUCCESS").exists()
+
+
+def test_per_dataset_cap_and_bad_requests(store):
+    root, out = store
+    retrieve(out, TASK, root / "capped", top_k=6, per_dataset_cap=2)
+    table = pq.read_table(root / "capped" / "rows.parquet").to_pylist()
+    counts = {}
+    for r in table:
+        counts[r["dataset_id"]] = counts.get(r["dataset_id"], 0) + 1
+    assert max(counts.values()) <= 2 and counts["files/geo"] == 2 and len(table) == 6
+    with pytest.raises(RebaseError, match="larger than the datastore"):
+        retrieve(out, TASK, root / "x", top_k=10_000)
+    with pytest.raises(RebaseError, match="built with embedder"):
+        retrieve(out, TASK, root / "x", top_k=5, embedder="builtin:gemma3-270m")
