@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--task", type=Path, required=True, help="task YAML file")
     retrieve.add_argument("--out", type=Path, required=True, help="retrieved directory to write")
     retrieve.add_argument("--top-k", type=int, default=3000, dest="top_k")
-    retrieve.add_argument("--exact", action="store_true", help="scan every cell (the only mode built so far)")
+    retrieve.add_argument("--exact", action="store_true", help="score every row (default: ANN candidates)")
+    retrieve.add_argument("--depth", type=int, default=4000, help="nearest values per query vector and shard")
     retrieve.add_argument("--per-dataset-cap", type=int, dest="per_dataset_cap", help="most rows from one dataset")
     retrieve.add_argument("--embedder", help="must match the datastore's embedder")
 
@@ -117,10 +118,12 @@ def _retrieve(args: argparse.Namespace) -> int:
         raise RebaseError("--top-k must be at least 1")
     if args.per_dataset_cap is not None and args.per_dataset_cap < 1:
         raise RebaseError("--per-dataset-cap must be at least 1")
-    if not args.exact:
-        print("rebase: approximate retrieval is not built yet; scanning every cell (--exact)", file=sys.stderr)
+    if args.depth < 1:
+        raise RebaseError("--depth must be at least 1")
     task = load_task(args.task)
-    summary = retrieve(args.datastore, task, args.out, args.top_k, args.per_dataset_cap, args.embedder)
+    summary = retrieve(
+        args.datastore, task, args.out, args.top_k, args.per_dataset_cap, args.embedder, args.exact, args.depth
+    )
     print(summary.line())
     return 0
 

@@ -192,6 +192,41 @@ def _row_blocks(datastore: Path, value_ids: np.ndarray, value_sims: np.ndarray):
         yield carry
 
 
+def _scored(block: dict, bans: Sequence[str], description_by_id: dict[str, float]) -> dict:
+    """Drop banned rows from a block of rows and add their description similarity and ReBase score."""
+    keep = np.array([not is_banned(d, bans) for d in block["dataset_id"]], dtype=bool)
+    block = {name: values[keep] for name, values in block.items()}
+    block["description"] = np.array([description_by_id[d] for d in block["dataset_id"]], dtype=np.float32)
+    block["score"] = rebase_scores(block["input"], block["output"], block["description"])
+    return block
+
+
+def exact_pool(
+    datastore: Path,
+    query: TaskQuery,
+    bans: Sequence[str],
+    description_by_id: dict[str, float],
+    limit: int,
+    dimension: int,
+) -> dict | None:
+    """Every row scored, streaming over values and cells; the best `limit` unbanned rows are kept."""
+    value_ids, value_sims = _value_similarities(datastore, query, dimension)
+    pool: dict[str, np.ndarray] | None = None
+    for block in _row_blocks(datastore, value_ids, value_sims):
+        block = _scored(block, bans, description_by_id)
+        pool = block if pool is None else {name: np.concatenate([pool[name], block[name]]) for name in pool}
+        if len(pool["score"]) > 2 * limit:
+            best = np.argpartition(-pool["score"], limit)[:limit]
+            pool = {name: values[best] for name, values in pool.items()}
+    return pool
+
+
+def description_similarities(datastore: Path, query: TaskQuery, dimension: int) -> dict[str, float]:
+    datasets = pq.read_table(datastore / "datasets.parquet", columns=["dataset_id", "description_embedding"])
+    vectors = embeddings_to_numpy(datasets.column("description_embedding"), dimension)
+    return dict(zip(datasets.column("dataset_id").to_pylist(), (vectors @ query.instruction).tolist()))
+
+
 def retrieve(
     datastore: Path,
     task: TaskSpec,
@@ -199,12 +234,16 @@ def retrieve(
     top_k: int = 3000,
     per_dataset_cap: int | None = None,
     embedder: str | None = None,
+    exact: bool = False,
+    depth: int = 4000,
     pool_factor: int = 4,
 ) -> RetrieveSummary:
-    """Score every row of the datastore exactly (streaming over its shards) and write the top K rows.
+    """Retrieve the top K rows of the datastore for a task and write the retrieved directory.
 
-    The candidate pool keeps the best `pool_factor * top_k` unbanned rows while streaming; duplicates and
-    the per-dataset cap are applied to that pool, best first."""
+    Exact mode scores every row, streaming over the store. Approximate mode (default) takes the `depth`
+    nearest cell values of each query vector from every index shard in parallel, gathers the rows holding
+    them and re-scores those rows exactly. Either way the best `pool_factor * top_k` unbanned rows are
+    kept, then duplicates and the per-dataset cap are applied, best first."""
     started = time.monotonic()
     manifest = read_manifest(datastore)
     if embedder is not None and canonical_model_name(embedder) != manifest.embedder.name:
@@ -215,37 +254,30 @@ def retrieve(
     total_rows = manifest.counts()["rows"]
     if top_k > total_rows:
         raise RebaseError(f"--top-k {top_k} is larger than the datastore ({total_rows} rows)")
-    datasets = pq.read_table(datastore / "datasets.parquet", columns=["dataset_id", "description_embedding"])
-    dataset_ids = datasets.column("dataset_id").to_pylist()
-    for ban in task.ban:
-        if not any(is_banned(d, [ban]) for d in dataset_ids):
-            print(f"warning: ban '{ban}' matches no dataset in {datastore}", file=sys.stderr)
 
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(resolve_model(manifest.embedder.name)), device=None)
     query = task_query(task, lambda texts: model.encode(texts, normalize_embeddings=True, convert_to_numpy=True))
     dimension = manifest.embedder.dimension
-    description = embeddings_to_numpy(datasets.column("description_embedding"), dimension) @ query.instruction
-    description_by_id = dict(zip(dataset_ids, description.tolist()))
-    value_ids, value_sims = _value_similarities(datastore, query, dimension)
-
-    pool: dict[str, np.ndarray] | None = None
+    description_by_id = description_similarities(datastore, query, dimension)
+    for ban in task.ban:
+        if not any(is_banned(d, [ban]) for d in description_by_id):
+            print(f"warning: ban '{ban}' matches no dataset in {datastore}", file=sys.stderr)
     limit = pool_factor * top_k
-    for block in _row_blocks(datastore, value_ids, value_sims):
-        keep = np.array([not is_banned(d, task.ban) for d in block["dataset_id"]], dtype=bool)
-        block = {name: values[keep] for name, values in block.items()}
-        block["description"] = np.array([description_by_id[d] for d in block["dataset_id"]], dtype=np.float32)
-        block["score"] = rebase_scores(block["input"], block["output"], block["description"])
-        pool = block if pool is None else {name: np.concatenate([pool[name], block[name]]) for name in pool}
-        if len(pool["score"]) > 2 * limit:
-            best = np.argpartition(-pool["score"], limit)[:limit]
-            pool = {name: values[best] for name, values in pool.items()}
+    if exact:
+        pool = exact_pool(datastore, query, task.ban, description_by_id, limit, dimension)
+    else:
+        with ApproximateIndex(datastore) as index:
+            pool = index.pool(query, task.ban, description_by_id, limit, depth)
     if pool is None or not len(pool["score"]):
         raise RebaseError(f"every row of {datastore} is banned by the task; nothing to retrieve")
+    order = np.lexsort((pool["row_uid"].astype(str), -pool["score"]))  # equal scores: by row_uid, so runs agree
+    pool = {name: values[order] for name, values in pool.items()}
     chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
     selected = {name: values[chosen] for name, values in pool.items()}
-    _write_retrieved(datastore, out, selected, task, top_k, per_dataset_cap)
+    mode = "exact" if exact else "approximate"
+    _write_retrieved(datastore, out, selected, task, top_k, per_dataset_cap, mode)
     counts: dict[str, int] = {}
     for dataset_id in selected["dataset_id"]:
         counts[dataset_id] = counts.get(dataset_id, 0) + 1
@@ -257,11 +289,187 @@ def retrieve(
         top_datasets=sorted(counts.items(), key=lambda item: -item[1]),
         score_range=(float(selected["score"].min()), float(selected["score"].max())) if chosen else (0.0, 0.0),
         seconds=time.monotonic() - started,
-        mode="exact",
+        mode=mode,
     )
 
 
-def _write_retrieved(datastore: Path, out: Path, selected: dict, task: TaskSpec, top_k: int, cap: int | None) -> None:
+# ---------------------------------------------------------------- approximate retrieval
+
+
+def _shard_ids(index) -> np.ndarray:
+    """The value ids a FAISS shard holds (IDMap2-wrapped flat/HNSW, or IVF)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+        for number in range(ivf.nlist)
+        if lists.list_size(number)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class ShardSearcher:
+    """One index shard held in memory (a Ray actor per shard): nearest values, and vectors by id."""
+
+    def __init__(self, path: str):
+        from rebase.datastore.index import load_shard
+
+        self.index = load_shard(Path(path))
+        self.ids = np.sort(_shard_ids(self.index))
+
+    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
+        _, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, len(self.ids)))
+        return ids[ids != -1]  # FAISS pads with -1; value ids themselves may be negative
+
+    def similarities(self, value_ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the given ids this shard holds: the ids and their dot products with the queries."""
+        mine = value_ids[np.isin(value_ids, self.ids, assume_unique=True)]
+        if not len(mine):
+            return mine, np.zeros((0, len(queries)), np.float32)
+        return mine, self.index.reconstruct_batch(mine) @ np.asarray(queries, dtype=np.float32).T
+
+
+@dataclass
+class CellMap:
+    """Every cell as (row, value id), in memory: rows by value and values by row, for re-scoring."""
+
+    row_uids: np.ndarray
+    row_datasets: np.ndarray
+    row_dataset_codes: np.ndarray
+    dataset_names: list[str]
+    row_keys: np.ndarray
+    row_offsets: np.ndarray
+    cell_values: np.ndarray
+    sorted_values: np.ndarray
+    sorted_rows: np.ndarray
+
+    @classmethod
+    def load(cls, datastore: Path) -> CellMap:
+        tables = [
+            pq.read_table(path, columns=["row_uid", "dataset_id", "column", "value_id"])
+            for path in sorted((datastore / "cells").rglob("*.parquet"))
+        ]
+        table = pa.concat_tables(tables)
+        uids = table.column("row_uid").to_numpy()
+        new_row = np.r_[True, uids[1:] != uids[:-1]]
+        starts = np.flatnonzero(new_row)
+        row_of_cell = np.cumsum(new_row) - 1
+        values = table.column("value_id").to_numpy()
+        columns = table.column("column").to_pylist()
+        cell_keys = np.array([hash(c) & 0xFFFFFFFFFFFFFFFF for c in columns], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            keys = np.add.reduceat(cell_keys * ROW_CODE_PRIME + values.view(np.uint64), starts)
+        order = np.argsort(values, kind="stable")
+        row_datasets = table.column("dataset_id").to_numpy()[starts]
+        dataset_names, dataset_codes = np.unique(row_datasets, return_inverse=True)
+        return cls(
+            row_uids=uids[starts],
+            row_datasets=row_datasets,
+            row_dataset_codes=dataset_codes,
+            dataset_names=dataset_names.tolist(),
+            row_keys=keys,
+            row_offsets=np.r_[starts, len(values)],
+            cell_values=values,
+            sorted_values=values[order],
+            sorted_rows=row_of_cell[order],
+        )
+
+    def rows_holding(self, value_ids: np.ndarray, per_value: int, priority: np.ndarray) -> np.ndarray:
+        """Rows with any of the values. A value held by more than `per_value` rows (a label such as "Yes"
+        repeats millions of times) contributes its `per_value` rows of highest `priority`; rows whose
+        priority is -inf (banned) are never taken."""
+        lo = np.searchsorted(self.sorted_values, value_ids, side="left")
+        hi = np.searchsorted(self.sorted_values, value_ids, side="right")
+        spans = []
+        for a, b in zip(lo, hi):
+            rows = self.sorted_rows[a:b]
+            if b - a > per_value:
+                rows = rows[np.argpartition(-priority[rows], per_value - 1)[:per_value]]
+            spans.append(rows)
+        rows = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
+        return rows[np.isfinite(priority[rows])]
+
+    def cells_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position of each cell's row in `rows`, value id) for every cell of the rows."""
+        counts = self.row_offsets[rows + 1] - self.row_offsets[rows]
+        owner = np.repeat(np.arange(len(rows)), counts)
+        first = np.repeat(self.row_offsets[rows], counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return owner, self.cell_values[first + within]
+
+
+class ApproximateIndex:
+    """The shards in Ray actors (one each, searched in parallel) and the cell map, loaded once."""
+
+    def __init__(self, datastore: Path, per_value_rows: int = 200):
+        import ray
+
+        from rebase.ray_setup import ensure_ray
+
+        ensure_ray()
+        manifest = read_manifest(datastore)
+        shards = [datastore / "index" / s.file for e in manifest.sources if e.state == "complete" for s in e.shards]
+        if not shards:
+            raise RebaseError(f"{datastore} has no index shards; build it first")
+        actor = ray.remote(num_cpus=0)(ShardSearcher)  # memory-bound, not CPU-bound; one per shard
+        self.actors = [actor.remote(str(path)) for path in shards]
+        self.cells = CellMap.load(datastore)
+        self.per_value_rows = per_value_rows
+
+    def __enter__(self) -> ApproximateIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def pool(
+        self, query: TaskQuery, bans: Sequence[str], description_by_id: dict[str, float], limit: int, depth: int
+    ) -> dict | None:
+        import ray
+
+        queries = np.stack([query.input, query.output])
+        found = ray.get([actor.search.remote(queries, depth) for actor in self.actors])
+        candidates = np.unique(np.concatenate(found))
+        per_dataset = np.array(
+            [-np.inf if is_banned(name, bans) else description_by_id[name] for name in self.cells.dataset_names],
+            dtype=np.float32,
+        )
+        rows = self.cells.rows_holding(candidates, self.per_value_rows, per_dataset[self.cells.row_dataset_codes])
+        if not len(rows):
+            return None
+        owner, values = self.cells.cells_of(rows)
+        unique_values, inverse = np.unique(values, return_inverse=True)
+        parts = ray.get([actor.similarities.remote(unique_values, queries) for actor in self.actors])
+        ids = np.concatenate([p[0] for p in parts])
+        sims = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        order = np.argsort(ids)
+        position = np.searchsorted(ids[order], unique_values)
+        cell_sims = sims[order][position][inverse]
+        maxima = row_maxima(owner, cell_sims, len(rows))
+        block = {
+            "row_uid": self.cells.row_uids[rows],
+            "dataset_id": self.cells.row_datasets[rows],
+            "input": maxima[:, 0],
+            "output": maxima[:, 1],
+            "key": self.cells.row_keys[rows],
+        }
+        block = _scored(block, bans, description_by_id)
+        if len(block["score"]) > limit:
+            best = np.argpartition(-block["score"], limit)[:limit]
+            block = {name: values[best] for name, values in block.items()}
+        return block
+
+
+def _write_retrieved(
+    datastore: Path, out: Path, selected: dict, task: TaskSpec, top_k: int, cap: int | None, mode: str
+) -> None:
     """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row) and stats.json."""
     uids = pa.array(selected["row_uid"].tolist(), pa.string())
     rows: dict[str, str] = {}
@@ -292,7 +500,7 @@ def _write_retrieved(datastore: Path, out: Path, selected: dict, task: TaskSpec,
             "top_k": top_k,
             "per_dataset_cap": cap,
             "rows": table.num_rows,
-            "mode": "exact",
+            "mode": mode,
             "ban": task.ban,
         },
     )

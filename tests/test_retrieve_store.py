@@ -92,3 +92,15 @@ def test_per_dataset_cap_and_bad_requests(store):
         retrieve(out, TASK, root / "x", top_k=10_000)
     with pytest.raises(RebaseError, match="built with embedder"):
         retrieve(out, TASK, root / "x", top_k=5, embedder="builtin:gemma3-270m")
+
+
+def test_exact_and_approximate_modes_agree(store):
+    root, out = store
+    for kind in ("exact", "approximate"):
+        retrieve(out, TASK, root / kind, top_k=20, exact=kind == "exact", depth=1000)  # depth: every value
+    exact = pq.read_table(root / "exact" / "rows.parquet").to_pylist()
+    approximate = pq.read_table(root / "approximate" / "rows.parquet").to_pylist()
+    assert [r["row_uid"] for r in approximate] == [r["row_uid"] for r in exact]
+    for a, e in zip(approximate, exact):
+        assert a["score"] == pytest.approx(e["score"], abs=1e-5)
+    assert json.loads((root / "approximate" / "stats.json").read_text())["mode"] == "approximate"

@@ -25,14 +25,20 @@ def cell_id(row_uid_: str, column: str) -> str:
     return stable_hash(row_uid_, column).hex()
 
 
+def _faiss_id(digest: bytes) -> int:
+    """A signed 64-bit id from a digest; never -1, which FAISS uses for "no result"."""
+    number = int.from_bytes(digest, "little", signed=True)
+    return -2 if number == -1 else number
+
+
 def value_id(text: str) -> int:
     """Signed 64-bit id of a cell value (FAISS ids are int64); equal texts share one id and one vector."""
-    return int.from_bytes(stable_hash("value", text), "little", signed=True)
+    return _faiss_id(stable_hash("value", text))
 
 
 def description_id(text: str) -> int:
     """Id of a dataset description; kept apart from value ids so descriptions never enter the cell index."""
-    return int.from_bytes(stable_hash("description", text), "little", signed=True)
+    return _faiss_id(stable_hash("description", text))
 
 
 def even_sample(num_rows: int, cap: int) -> list[int]:

@@ -133,6 +133,6 @@ def search_shards(shard_paths: list[Path], queries: np.ndarray, k: int) -> tuple
         return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
     scores = np.concatenate(all_scores, axis=1)
     ids = np.concatenate(all_ids, axis=1)
-    scores = np.where(ids < 0, -np.inf, scores)
+    scores = np.where(ids == -1, -np.inf, scores)  # FAISS pads with -1; value ids may be negative
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
