@@ -194,9 +194,12 @@ def _row_blocks(datastore: Path, value_ids: np.ndarray, value_sims: np.ndarray):
 
 def _scored(block: dict, bans: Sequence[str], description_by_id: dict[str, float]) -> dict:
     """Drop banned rows from a block of rows and add their description similarity and ReBase score."""
-    keep = np.array([not is_banned(d, bans) for d in block["dataset_id"]], dtype=bool)
+    names, codes = np.unique(block["dataset_id"], return_inverse=True)  # a few datasets, many rows
+    banned = np.array([is_banned(name, bans) for name in names], dtype=bool)
+    description = np.array([description_by_id[name] for name in names], dtype=np.float32)
+    keep = ~banned[codes]
     block = {name: values[keep] for name, values in block.items()}
-    block["description"] = np.array([description_by_id[d] for d in block["dataset_id"]], dtype=np.float32)
+    block["description"] = description[codes[keep]]
     block["score"] = rebase_scores(block["input"], block["output"], block["description"])
     return block
 
@@ -315,19 +318,23 @@ def _shard_ids(index) -> np.ndarray:
 class ShardSearcher:
     """One index shard held in memory (a Ray actor per shard): nearest values, and vectors by id."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int = 1):
+        import faiss
+
         from rebase.datastore.index import load_shard
 
+        faiss.omp_set_num_threads(threads)  # several shards share a node's cores: no oversubscription
         self.index = load_shard(Path(path))
         self.ids = np.sort(_shard_ids(self.index))
 
-    def search(self, queries: np.ndarray, depth: int) -> np.ndarray:
-        _, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, len(self.ids)))
-        return ids[ids != -1]  # FAISS pads with -1; value ids themselves may be negative
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (queries, k): this shard's nearest values, -1 ids where it has fewer."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, len(self.ids)))
 
     def similarities(self, value_ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For the given ids this shard holds: the ids and their dot products with the queries."""
-        mine = value_ids[np.isin(value_ids, self.ids, assume_unique=True)]
+        positions = np.minimum(np.searchsorted(self.ids, value_ids), len(self.ids) - 1)
+        mine = value_ids[self.ids[positions] == value_ids]
         if not len(mine):
             return mine, np.zeros((0, len(queries)), np.float32)
         return mine, self.index.reconstruct_batch(mine) @ np.asarray(queries, dtype=np.float32).T
@@ -405,7 +412,7 @@ class CellMap:
 class ApproximateIndex:
     """The shards in Ray actors (one each, searched in parallel) and the cell map, loaded once."""
 
-    def __init__(self, datastore: Path, per_value_rows: int = 200):
+    def __init__(self, datastore: Path, per_value_rows: int | None = None):
         import ray
 
         from rebase.ray_setup import ensure_ray
@@ -415,8 +422,9 @@ class ApproximateIndex:
         shards = [datastore / "index" / s.file for e in manifest.sources if e.state == "complete" for s in e.shards]
         if not shards:
             raise RebaseError(f"{datastore} has no index shards; build it first")
-        actor = ray.remote(num_cpus=0)(ShardSearcher)  # memory-bound, not CPU-bound; one per shard
-        self.actors = [actor.remote(str(path)) for path in shards]
+        actor = ray.remote(num_cpus=0)(ShardSearcher)  # held in memory, busy only while a query runs
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(shards))
+        self.actors = [actor.remote(str(path), threads) for path in shards]
         self.cells = CellMap.load(datastore)
         self.per_value_rows = per_value_rows
 
@@ -436,12 +444,20 @@ class ApproximateIndex:
 
         queries = np.stack([query.input, query.output])
         found = ray.get([actor.search.remote(queries, depth) for actor in self.actors])
-        candidates = np.unique(np.concatenate(found))
+        # The nearest `depth` values over all shards, per query (a small shard must not add all it holds).
+        scores = np.concatenate([f[0] for f in found], axis=1)
+        ids = np.concatenate([f[1] for f in found], axis=1)
+        scores = np.where(ids == -1, -np.inf, scores)  # FAISS pads with -1; value ids may be negative
+        best = np.argsort(-scores, axis=1)[:, :depth]
+        candidates = np.unique(np.take_along_axis(ids, best, 1)[np.take_along_axis(scores, best, 1) > -np.inf])
         per_dataset = np.array(
             [-np.inf if is_banned(name, bans) else description_by_id[name] for name in self.cells.dataset_names],
             dtype=np.float32,
         )
-        rows = self.cells.rows_holding(candidates, self.per_value_rows, per_dataset[self.cells.row_dataset_codes])
+        # A value shared by many rows (a label) brings at most as many rows as the pool keeps, those of the
+        # most relevant datasets first: beyond that its rows could not all make the pool anyway.
+        per_value = self.per_value_rows or limit
+        rows = self.cells.rows_holding(candidates, per_value, per_dataset[self.cells.row_dataset_codes])
         if not len(rows):
             return None
         owner, values = self.cells.cells_of(rows)

@@ -1,0 +1,236 @@
+"""Exact vs approximate retrieval latency and agreement on a datastore of at least 1,000,000 cells.
+
+    python benchmarks/retrieve.py [--rows 250000] [--top-k 3000] [--depth 4000]
+
+The datastore is synthetic at scale (stated in the output): random rows of four cells whose vectors come
+from 2,000 topic clusters (384 dimensions, unit length), 1,000 datasets with description vectors, and
+a few label values repeated across many rows, written in rebase's on-disk layout and indexed with the
+real shard builder (exact flat shards of 150,000 vectors: the approximation measured is the candidate
+step, not the index). The query is a task whose example
+inputs and outputs come from two topics. Both modes run in this process on the same store:
+- exact: `exact_pool`, streaming every values block and every cells part from disk;
+- approximate: `ApproximateIndex` (one Ray actor per shard, cell map in memory), timed warm (the
+  loaded index answering a query) and cold (loading included).
+Printed: latency of each, the speed-up, the overlap of the approximate top-K with the exact top-K, and
+peak memory (RSS of this process and its children, sampled every 0.1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+
+from rebase.datastore.build import CELL_SCHEMA, ROW_SCHEMA
+from rebase.datastore.index import build_shard
+from rebase.datastore.manifest import Embedder, Manifest, Settings, Shard, SourceEntry, write_manifest
+from rebase.io import numpy_to_embeddings, write_parquet_atomic
+from rebase.retrieve import ApproximateIndex, TaskQuery, exact_pool, select_rows
+
+DIMENSION = 384
+KEY = "synthetic00"
+
+
+class PeakMemory:
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def unit(matrix: np.ndarray) -> np.ndarray:
+    return (matrix / np.linalg.norm(matrix, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def noise(rng: np.random.Generator, count: int, scale: float) -> np.ndarray:
+    """Gaussian noise of expected norm `scale` per row (a cluster member stays near its center)."""
+    return scale * rng.normal(size=(count, DIMENSION)) / np.sqrt(DIMENSION)
+
+
+def make_store(out: Path, rows: int, rng: np.random.Generator) -> dict:
+    """Write a synthetic datastore: rows x (3 distinct cells + 1 label cell) and its index shards."""
+    topics = unit(rng.normal(size=(2000, DIMENSION)))
+    labels = unit(rng.normal(size=(20, DIMENSION)))
+    label_ids = -(10**12) - np.arange(20, dtype=np.int64)  # a few values repeated across many rows
+    datasets = [f"synthetic/d{i:04d}" for i in range(1000)]
+    descriptions = unit(topics[rng.integers(0, 2000, 1000)] + noise(rng, 1000, 0.8))
+    (out / "values" / KEY).mkdir(parents=True)
+    (out / "cells" / KEY).mkdir(parents=True)
+    (out / "rows" / KEY).mkdir(parents=True)
+    chunk = 50_000
+    next_value = 1
+    for part, start in enumerate(range(0, rows, chunk)):
+        count = min(chunk, rows - start)
+        topic = rng.integers(0, 2000, count)
+        vectors = unit(topics[np.repeat(topic, 3)] + noise(rng, count * 3, 0.8))
+        ids = np.arange(next_value, next_value + count * 3, dtype=np.int64)
+        ids[::2] *= -1  # value ids are signed in real stores too
+        next_value += count * 3
+        table = pa.table({"value_id": ids, "kind": ["cell"] * len(ids), "embedding": numpy_to_embeddings(vectors)})
+        write_parquet_atomic(out / "values" / KEY / f"block-{part:05d}.parquet", table)
+        row_uids = [f"{start + i:016x}" for i in range(count)]
+        dataset_of_row = [datasets[(start + i) % 1000] for i in range(count)]
+        label = label_ids[rng.integers(0, 20, count)]
+        cell_values = np.column_stack([ids.reshape(count, 3), label]).reshape(-1)
+        write_parquet_atomic(
+            out / "cells" / KEY / f"part-{part:05d}.parquet",
+            pa.Table.from_pydict(
+                {
+                    "cell_id": [f"{u}:{c}" for u in row_uids for c in range(4)],
+                    "row_uid": np.repeat(row_uids, 4).tolist(),
+                    "dataset_id": np.repeat(dataset_of_row, 4).tolist(),
+                    "column": ["a", "b", "c", "label"] * count,
+                    "value": [""] * (count * 4),
+                    "value_id": cell_values,
+                },
+                schema=CELL_SCHEMA,
+            ),
+        )
+        write_parquet_atomic(
+            out / "rows" / KEY / f"part-{part:05d}.parquet",
+            pa.Table.from_pydict(
+                {
+                    "row_uid": row_uids,
+                    "dataset_id": dataset_of_row,
+                    "config": ["default"] * count,
+                    "split": ["train"] * count,
+                    "row_number": list(range(start, start + count)),
+                    "row": ["{}"] * count,
+                },
+                schema=ROW_SCHEMA,
+            ),
+        )
+    label_table = pa.table({"value_id": label_ids, "kind": ["cell"] * 20, "embedding": numpy_to_embeddings(labels)})
+    write_parquet_atomic(out / "values" / KEY / "block-99999.parquet", label_table)
+    write_parquet_atomic(
+        out / "datasets.parquet",
+        pa.table(
+            {
+                "dataset_id": datasets,
+                "config": ["default"] * 1000,
+                "description_embedding": numpy_to_embeddings(descriptions),
+                "source": [KEY] * 1000,
+            }
+        ),
+    )
+    entry = SourceEntry(
+        spec="synthetic",
+        kind="synthetic",
+        fingerprint=KEY,
+        key=KEY,
+        state="ingested",
+        datasets=1000,
+        rows=rows,
+        cells=rows * 4,
+        new_values=rows * 3 + 20,
+    )
+    manifest = Manifest(
+        embedder=Embedder(name="synthetic", dimension=DIMENSION),
+        settings=Settings(rows_per_dataset=rows, max_value_chars=1000),
+        sources=[entry],
+    )
+    write_manifest(out, manifest)
+    # One flat shard per values block (150,000 vectors), built in this process so that the exact mode's
+    # memory below is measured without a Ray cluster beside it.
+    (out / "index").mkdir()
+    for number, block in enumerate(sorted((out / "values" / KEY).glob("block-*.parquet"))):
+        shard = build_shard([str(block)], str(out / "index" / f"{KEY}-{number:05d}.faiss"), "flat", DIMENSION)
+        entry.shards.append(Shard(**shard))
+    entry.state = "complete"
+    write_manifest(out, manifest)
+    return {"topics": topics, "descriptions": descriptions, "datasets": datasets, "labels": labels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=250_000)
+    parser.add_argument("--top-k", type=int, default=3000)
+    parser.add_argument("--depth", type=int, default=4000)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("REBASE_BENCH_TMP")) as tmp:
+        out = Path(tmp) / "store"
+        started = time.monotonic()
+        world = make_store(out, args.rows, rng)
+        build_seconds = time.monotonic() - started
+        topics = world["topics"]
+        examples_in = unit(topics[[11, 11, 11]] + noise(rng, 3, 0.5))
+        examples_out = unit(np.stack([world["labels"][3]] * 3) + noise(rng, 3, 0.5))
+        query = TaskQuery(input=examples_in.mean(0), output=examples_out.mean(0), instruction=unit(topics[11]))
+        description_by_id = dict(zip(world["datasets"], (world["descriptions"] @ query.instruction).tolist()))
+        limit = 4 * args.top_k
+
+        def top(pool):
+            order = np.lexsort((pool["row_uid"].astype(str), -pool["score"]))
+            pool = {name: values[order] for name, values in pool.items()}
+            return set(pool["row_uid"][select_rows(pool["score"], pool["dataset_id"], pool["key"], args.top_k)])
+
+        with PeakMemory() as exact_memory:
+            started = time.monotonic()
+            exact = top(exact_pool(out, query, [], description_by_id, limit, DIMENSION))
+            exact_seconds = time.monotonic() - started
+        with PeakMemory() as approximate_memory:
+            started = time.monotonic()
+            with ApproximateIndex(out) as index:
+                index.pool(query, [], description_by_id, limit, 10)  # warm-up: actors loaded
+                load_seconds = time.monotonic() - started
+                timings = []
+                for _ in range(5):
+                    started = time.monotonic()
+                    approximate = top(index.pool(query, [], description_by_id, limit, args.depth))
+                    timings.append(time.monotonic() - started)
+        warm = float(np.median(timings))
+        report = {
+            "datastore": "synthetic vectors (not text), rebase on-disk layout, real FAISS shards",
+            "rows": args.rows,
+            "cells": args.rows * 4,
+            "distinct_values": args.rows * 3 + 20,
+            "shards": len(list((out / "index").glob("*.faiss"))),
+            "store_write_seconds": round(build_seconds, 1),
+            "top_k": args.top_k,
+            "depth": args.depth,
+            "exact_seconds": round(exact_seconds, 3),
+            "approximate_warm_seconds_median_of_5": round(warm, 3),
+            "approximate_load_seconds": round(load_seconds, 2),
+            "speedup_warm": round(exact_seconds / warm, 1),
+            "speedup_including_load": round(exact_seconds / (warm + load_seconds), 2),
+            "overlap_at_k": round(len(exact & approximate) / args.top_k, 4),
+            "exact_peak_rss_mb": round(exact_memory.peak / 1e6),
+            "approximate_peak_rss_mb": round(approximate_memory.peak / 1e6),
+        }
+    print(json.dumps(report, indent=2))
+    print(
+        f"retrieval: approximate is {report['speedup_warm']}x faster than exact (warm), overlap@{args.top_k} "
+        f"{report['overlap_at_k']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
