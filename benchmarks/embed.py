@@ -17,49 +17,20 @@ ingests all of BIG-bench (1,000 rows per dataset, no embedding) to report its si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from peak_memory import PeakMemory  # benchmarks/ is on sys.path when run as a script
 
 DEFAULT_TASKS = (
     "navigate,date_understanding,sports_understanding,logical_deduction,causal_judgment,"
     "disambiguation_qa,hyperbaton,movie_recommendation,snarks,temporal_sequences,tracking_shuffled_objects"
 )
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process and its descendants every 0.2 s."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += process.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 PLAIN_LOOP = r"""

@@ -18,17 +18,15 @@ peak memory (RSS of this process and its children, sampled every 0.1 s).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
+from peak_memory import PeakMemory  # benchmarks/ is on sys.path when run as a script
 
 from rebase.datastore.build import CELL_SCHEMA, ROW_SCHEMA
 from rebase.datastore.index import build_shard
@@ -38,31 +36,6 @@ from rebase.retrieve import ApproximateIndex, TaskQuery, exact_pool, select_rows
 
 DIMENSION = 384
 KEY = "synthetic00"
-
-
-class PeakMemory:
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += process.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.1)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def unit(matrix: np.ndarray) -> np.ndarray:
