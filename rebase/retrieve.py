@@ -150,6 +150,20 @@ def _value_similarities(datastore: Path, query: TaskQuery, dimension: int) -> tu
     return ids_array[order], np.concatenate(sims)[order]
 
 
+def _rows_of_cells(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For cells grouped by row: row_uid per cell, each row's first cell, each cell's row number, and a
+    key per row that is equal for rows with the same (column, value) pairs (to collapse exact duplicates)."""
+    uids = table.column("row_uid").to_numpy(zero_copy_only=False)
+    new_row = np.r_[True, uids[1:] != uids[:-1]]
+    starts = np.flatnonzero(new_row)
+    columns = table.column("column").to_pylist()
+    cell_keys = np.array([hash(c) & 0xFFFFFFFFFFFFFFFF for c in columns], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        cell_keys = cell_keys * ROW_CODE_PRIME + table.column("value_id").to_numpy().view(np.uint64)
+        keys = np.add.reduceat(cell_keys, starts)
+    return uids, starts, np.cumsum(new_row) - 1, keys
+
+
 def _row_blocks(datastore: Path, value_ids: np.ndarray, value_sims: np.ndarray):
     """Per-row (row_uid, dataset_id, input max, output max, duplicate key) in blocks, streamed over the cells.
 
@@ -159,17 +173,10 @@ def _row_blocks(datastore: Path, value_ids: np.ndarray, value_sims: np.ndarray):
         table = pq.read_table(path, columns=["row_uid", "dataset_id", "column", "value_id"])
         if table.num_rows == 0:
             continue
-        uids = table.column("row_uid").to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]])
-        codes = np.cumsum(np.r_[True, uids[1:] != uids[:-1]]) - 1
+        uids, starts, codes, keys = _rows_of_cells(table)
         positions = np.searchsorted(value_ids, table.column("value_id").to_numpy())
         sims = value_sims[np.minimum(positions, len(value_ids) - 1)]
         maxima = row_maxima(codes, sims, len(starts))
-        columns = table.column("column").to_pylist()
-        cell_keys = np.array([hash(c) & 0xFFFFFFFFFFFFFFFF for c in columns], dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            cell_keys = cell_keys * ROW_CODE_PRIME + table.column("value_id").to_numpy().view(np.uint64)
-            keys = np.add.reduceat(cell_keys, starts)
         block = {
             "row_uid": uids[starts],
             "dataset_id": table.column("dataset_id").to_numpy(zero_copy_only=False)[starts],
@@ -361,15 +368,8 @@ class CellMap:
             for path in sorted((datastore / "cells").rglob("*.parquet"))
         ]
         table = pa.concat_tables(tables)
-        uids = table.column("row_uid").to_numpy()
-        new_row = np.r_[True, uids[1:] != uids[:-1]]
-        starts = np.flatnonzero(new_row)
-        row_of_cell = np.cumsum(new_row) - 1
+        uids, starts, row_of_cell, keys = _rows_of_cells(table)
         values = table.column("value_id").to_numpy()
-        columns = table.column("column").to_pylist()
-        cell_keys = np.array([hash(c) & 0xFFFFFFFFFFFFFFFF for c in columns], dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            keys = np.add.reduceat(cell_keys * ROW_CODE_PRIME + values.view(np.uint64), starts)
         order = np.argsort(values, kind="stable")
         row_datasets = table.column("dataset_id").to_numpy()[starts]
         dataset_names, dataset_codes = np.unique(row_datasets, return_inverse=True)
