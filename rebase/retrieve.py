@@ -8,6 +8,8 @@ vector per cell, so a task needs two cell queries and one dataset query.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -264,6 +266,33 @@ def retrieve(
     total_rows = manifest.counts()["rows"]
     if top_k > total_rows:
         raise RebaseError(f"--top-k {top_k} is larger than the datastore ({total_rows} rows)")
+    mode = "exact" if exact else "approximate"
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                task.model_dump(mode="json"),
+                str(datastore.resolve()),
+                manifest.updated,
+                top_k,
+                per_dataset_cap,
+                mode,
+                None if exact else depth,
+                pool_factor,
+            ]
+        ).encode()
+    ).hexdigest()
+    done = _finished_retrieval(out, fingerprint)
+    if done is not None:
+        return RetrieveSummary(
+            out,
+            top_k,
+            done["rows"],
+            len(done["datasets"]),
+            list(done["datasets"].items()),
+            tuple(done["score_range"]),
+            time.monotonic() - started,
+            mode + ", already done",
+        )
 
     from sentence_transformers import SentenceTransformer
 
@@ -286,21 +315,47 @@ def retrieve(
     pool = {name: values[order] for name, values in pool.items()}
     chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
     selected = {name: values[chosen] for name, values in pool.items()}
-    mode = "exact" if exact else "approximate"
-    _write_retrieved(datastore, out, selected, task, top_k, per_dataset_cap, mode)
     counts: dict[str, int] = {}
     for dataset_id in selected["dataset_id"]:
         counts[dataset_id] = counts.get(dataset_id, 0) + 1
+    top_datasets = sorted(counts.items(), key=lambda item: -item[1])
+    score_range = (float(selected["score"].min()), float(selected["score"].max()))
+    stats = {
+        "task": task.name,
+        "datastore": str(datastore),
+        "top_k": top_k,
+        "per_dataset_cap": per_dataset_cap,
+        "mode": mode,
+        "depth": None if exact else depth,
+        "ban": task.ban,
+        "rows": len(chosen),
+        "datasets": dict(top_datasets),
+        "score_range": score_range,
+        "fingerprint": fingerprint,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    _write_retrieved(datastore, out, selected, stats)
     return RetrieveSummary(
-        out=out,
-        top_k=top_k,
-        rows=len(chosen),
-        datasets=len(counts),
-        top_datasets=sorted(counts.items(), key=lambda item: -item[1]),
-        score_range=(float(selected["score"].min()), float(selected["score"].max())) if chosen else (0.0, 0.0),
-        seconds=time.monotonic() - started,
-        mode=mode,
+        out, top_k, len(chosen), len(counts), top_datasets, score_range, time.monotonic() - started, mode
     )
+
+
+def _finished_retrieval(out: Path, fingerprint: str) -> dict | None:
+    """The stats of a finished retrieval with the same inputs at `out`; None if there is none yet.
+    A directory holding anything else is refused, so a different earlier result is never overwritten."""
+    if not out.exists():
+        return None
+    stats_path = out / "stats.json"
+    if (out / "_SUCCESS").exists() and stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        if stats.get("fingerprint") == fingerprint:
+            return stats
+        raise RebaseError(f"{out} holds a retrieval made with other inputs or settings; choose another --out")
+    if out.is_dir() and not any(out.iterdir()):
+        return None
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {"rows.parquet", "stats.json"}:
+        return None  # an unfinished earlier attempt: redo it
+    raise RebaseError(f"--out {out} holds files that are not a rebase retrieval; choose another")
 
 
 # ---------------------------------------------------------------- approximate retrieval
@@ -483,10 +538,8 @@ class ApproximateIndex:
         return block
 
 
-def _write_retrieved(
-    datastore: Path, out: Path, selected: dict, task: TaskSpec, top_k: int, cap: int | None, mode: str
-) -> None:
-    """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row) and stats.json."""
+def _write_retrieved(datastore: Path, out: Path, selected: dict, stats: dict) -> None:
+    """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row), stats.json."""
     uids = pa.array(selected["row_uid"].tolist(), pa.string())
     rows: dict[str, str] = {}
     for path in sorted((datastore / "rows").rglob("*.parquet")):
@@ -508,16 +561,5 @@ def _write_retrieved(
     out.mkdir(parents=True, exist_ok=True)
     (out / "_SUCCESS").unlink(missing_ok=True)
     write_parquet_atomic(out / "rows.parquet", table)
-    write_json_atomic(
-        out / "stats.json",
-        {
-            "task": task.name,
-            "datastore": str(datastore),
-            "top_k": top_k,
-            "per_dataset_cap": cap,
-            "rows": table.num_rows,
-            "mode": mode,
-            "ban": task.ban,
-        },
-    )
+    write_json_atomic(out / "stats.json", stats)
     (out / "_SUCCESS").write_text("")

@@ -104,3 +104,21 @@ def test_exact_and_approximate_modes_agree(store):
     for a, e in zip(approximate, exact):
         assert a["score"] == pytest.approx(e["score"], abs=1e-5)
     assert json.loads((root / "approximate" / "stats.json").read_text())["mode"] == "approximate"
+
+
+def test_rerun_is_skipped_and_other_results_are_never_overwritten(store):
+    root, out = store
+    target = root / "again"
+    first = retrieve(out, TASK, target, top_k=5, exact=True)
+    stamp = (target / "rows.parquet").stat().st_mtime_ns
+    second = retrieve(out, TASK, target, top_k=5, exact=True)
+    assert second.mode == "exact, already done" and second.rows == first.rows == 5
+    assert second.top_datasets == first.top_datasets and second.score_range == pytest.approx(first.score_range)
+    assert (target / "rows.parquet").stat().st_mtime_ns == stamp
+    with pytest.raises(RebaseError, match="made with other inputs or settings"):
+        retrieve(out, TASK, target, top_k=6, exact=True)
+    (root / "unrelated").mkdir()
+    (root / "unrelated" / "notes.txt").write_text("mine")
+    with pytest.raises(RebaseError, match="not a rebase retrieval"):
+        retrieve(out, TASK, root / "unrelated", top_k=5, exact=True)
+    assert (root / "unrelated" / "notes.txt").read_text() == "mine"
