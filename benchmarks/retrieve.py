@@ -32,7 +32,7 @@ from rebase.datastore.build import CELL_SCHEMA, ROW_SCHEMA
 from rebase.datastore.index import build_shard
 from rebase.datastore.manifest import Embedder, Manifest, Settings, Shard, SourceEntry, write_manifest
 from rebase.io import numpy_to_embeddings, write_parquet_atomic
-from rebase.retrieve import ApproximateIndex, TaskQuery, exact_pool, select_rows
+from rebase.retrieve import ApproximateIndex, TaskQuery, best_rows, exact_pool
 
 DIMENSION = 384
 KEY = "synthetic00"
@@ -161,9 +161,7 @@ def main() -> None:
         limit = 4 * args.top_k
 
         def top(pool):
-            order = np.lexsort((pool["row_uid"].astype(str), -pool["score"]))
-            pool = {name: values[order] for name, values in pool.items()}
-            return set(pool["row_uid"][select_rows(pool["score"], pool["dataset_id"], pool["key"], args.top_k)])
+            return set(best_rows(pool, args.top_k)["row_uid"])
 
         with PeakMemory() as exact_memory:
             started = time.monotonic()

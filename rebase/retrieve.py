@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,14 +312,9 @@ def retrieve(
             pool = index.pool(query, task.ban, description_by_id, limit, depth)
     if pool is None or not len(pool["score"]):
         raise RebaseError(f"every row of {datastore} is banned by the task; nothing to retrieve")
-    order = np.lexsort((pool["row_uid"].astype(str), -pool["score"]))  # equal scores: by row_uid, so runs agree
-    pool = {name: values[order] for name, values in pool.items()}
-    chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
-    selected = {name: values[chosen] for name, values in pool.items()}
-    counts: dict[str, int] = {}
-    for dataset_id in selected["dataset_id"]:
-        counts[dataset_id] = counts.get(dataset_id, 0) + 1
-    top_datasets = sorted(counts.items(), key=lambda item: -item[1])
+    selected = best_rows(pool, top_k, per_dataset_cap)
+    counts = Counter(selected["dataset_id"].tolist())
+    top_datasets = counts.most_common()
     score_range = (float(selected["score"].min()), float(selected["score"].max()))
     stats = {
         "task": task.name,
@@ -328,7 +324,7 @@ def retrieve(
         "mode": mode,
         "depth": None if exact else depth,
         "ban": task.ban,
-        "rows": len(chosen),
+        "rows": len(selected["row_uid"]),
         "datasets": dict(top_datasets),
         "score_range": score_range,
         "fingerprint": fingerprint,
@@ -336,8 +332,16 @@ def retrieve(
     }
     _write_retrieved(datastore, out, selected, stats)
     return RetrieveSummary(
-        out, top_k, len(chosen), len(counts), top_datasets, score_range, time.monotonic() - started, mode
+        out, top_k, len(selected["row_uid"]), len(counts), top_datasets, score_range, time.monotonic() - started, mode
     )
+
+
+def best_rows(pool: dict, top_k: int, per_dataset_cap: int | None = None) -> dict:
+    """The pool's top K rows after duplicates and the cap, best first; equal scores by row_uid, so runs agree."""
+    order = np.lexsort((pool["row_uid"].astype(str), -pool["score"]))
+    pool = {name: values[order] for name, values in pool.items()}
+    chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
+    return {name: values[chosen] for name, values in pool.items()}
 
 
 def _finished_retrieval(out: Path, fingerprint: str) -> dict | None:
