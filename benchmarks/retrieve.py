@@ -5,8 +5,9 @@
 The datastore is synthetic at scale (stated in the output): random rows of four cells whose vectors come
 from 2,000 topic clusters (384 dimensions, unit length), 1,000 datasets with description vectors, and
 a few label values repeated across many rows, written in rebase's on-disk layout and indexed with the
-real shard builder (exact flat shards of 150,000 vectors: the approximation measured is the candidate
-step, not the index). The query is a task whose example
+real shard builder: by default exact flat shards of 150,000 vectors (the approximation measured is
+then the candidate step alone); `--index auto --shard-vectors 1000000` groups and picks kinds as
+`rebase datastore build` does by default (one IVF shard here). The query is a task whose example
 inputs and outputs come from two topics. Both modes run in this process on the same store:
 - exact: `exact_pool`, streaming every values block and every cells part from disk;
 - approximate: `ApproximateIndex` (one Ray actor per shard, cell map in memory), timed warm (the
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from peak_memory import PeakMemory  # benchmarks/ is on sys.path when run as a script
 
 from rebase.datastore.build import CELL_SCHEMA, ROW_SCHEMA
-from rebase.datastore.index import build_shard
+from rebase.datastore.index import build_shard, resolve_kind
 from rebase.datastore.manifest import Embedder, Manifest, Settings, Shard, SourceEntry, write_manifest
 from rebase.io import numpy_to_embeddings, write_parquet_atomic
 from rebase.retrieve import ApproximateIndex, TaskQuery, best_rows, exact_pool
@@ -47,7 +49,7 @@ def noise(rng: np.random.Generator, count: int, scale: float) -> np.ndarray:
     return scale * rng.normal(size=(count, DIMENSION)) / np.sqrt(DIMENSION)
 
 
-def make_store(out: Path, rows: int, rng: np.random.Generator) -> dict:
+def make_store(out: Path, rows: int, rng: np.random.Generator, shard_vectors: int, index_kind: str) -> dict:
     """Write a synthetic datastore: rows x (3 distinct cells + 1 label cell) and its index shards."""
     topics = unit(rng.normal(size=(2000, DIMENSION)))
     labels = unit(rng.normal(size=(20, DIMENSION)))
@@ -130,12 +132,23 @@ def make_store(out: Path, rows: int, rng: np.random.Generator) -> dict:
         sources=[entry],
     )
     write_manifest(out, manifest)
-    # One flat shard per values block (150,000 vectors), built in this process so that the exact mode's
-    # memory below is measured without a Ray cluster beside it.
+    # Shards as `rebase datastore build` groups them (consecutive blocks up to `shard_vectors`, kind by
+    # `resolve_kind`), built in this process so the exact mode's memory is measured without Ray beside it.
     (out / "index").mkdir()
-    for number, block in enumerate(sorted((out / "values" / KEY).glob("block-*.parquet"))):
-        shard = build_shard([str(block)], str(out / "index" / f"{KEY}-{number:05d}.faiss"), "flat", DIMENSION)
-        entry.shards.append(Shard(**shard))
+    groups: list[list[Path]] = [[]]
+    size = 0
+    for block in sorted((out / "values" / KEY).glob("block-*.parquet")):
+        rows = pq.ParquetFile(block).metadata.num_rows
+        if groups[-1] and size + rows > shard_vectors:
+            groups.append([])
+            size = 0
+        groups[-1].append(block)
+        size += rows
+    for number, group in enumerate(groups):
+        vectors = sum(pq.ParquetFile(b).metadata.num_rows for b in group)
+        kind = resolve_kind(index_kind, vectors, 200_000)
+        path = str(out / "index" / f"{KEY}-{number:05d}.faiss")
+        entry.shards.append(Shard(**build_shard([str(b) for b in group], path, kind, DIMENSION)))
     entry.state = "complete"
     write_manifest(out, manifest)
     return {"topics": topics, "descriptions": descriptions, "datasets": datasets, "labels": labels}
@@ -146,12 +159,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=250_000)
     parser.add_argument("--top-k", type=int, default=3000)
     parser.add_argument("--depth", type=int, default=4000)
+    parser.add_argument("--shard-vectors", type=int, default=150_000, help="as DatastoreConfig.shard_vectors")
+    parser.add_argument("--index", default="flat", choices=["auto", "flat", "ivf", "hnsw"])
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=os.environ.get("REBASE_BENCH_TMP")) as tmp:
         out = Path(tmp) / "store"
         started = time.monotonic()
-        world = make_store(out, args.rows, rng)
+        world = make_store(out, args.rows, rng, args.shard_vectors, args.index)
         build_seconds = time.monotonic() - started
         topics = world["topics"]
         examples_in = unit(topics[[11, 11, 11]] + noise(rng, 3, 0.5))
@@ -184,6 +199,8 @@ def main() -> None:
             "cells": args.rows * 4,
             "distinct_values": args.rows * 3 + 20,
             "shards": len(list((out / "index").glob("*.faiss"))),
+            "index": args.index,
+            "shard_vectors": args.shard_vectors,
             "store_write_seconds": round(build_seconds, 1),
             "top_k": args.top_k,
             "depth": args.depth,
