@@ -12,6 +12,7 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
+    # Ray's announced default: tasks that ask for no GPU keep the CUDA_VISIBLE_DEVICES they inherit.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
