@@ -69,10 +69,6 @@ def iter_parquet(
         yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
 
 
-def embedding_type(dimension: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dimension)
-
-
 def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray, dimension: int) -> np.ndarray:
     """A fixed-size-list float32 column as an (n, dimension) float32 array."""
     if isinstance(column, pa.ChunkedArray):

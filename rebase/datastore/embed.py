@@ -16,8 +16,6 @@ import pyarrow.parquet as pq
 
 from rebase.io import numpy_to_embeddings, parquet_rows, write_parquet_atomic
 
-VALUES_SCHEMA_FIELDS = ("value_id", "kind")
-
 
 class Embedder:
     """A sentence-transformers model in one Ray actor (or plain process): texts in, unit vectors out."""
