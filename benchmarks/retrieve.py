@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from peak_memory import PeakMemory  # benchmarks/ is on sys.path when run as a script
 
 from rebase.datastore.build import CELL_SCHEMA, ROW_SCHEMA
-from rebase.datastore.index import build_shard, resolve_kind
+from rebase.datastore.index import build_shard, group_blocks, resolve_kind
 from rebase.datastore.manifest import Embedder, Manifest, Settings, Shard, SourceEntry, write_manifest
 from rebase.io import numpy_to_embeddings, write_parquet_atomic
 from rebase.retrieve import ApproximateIndex, TaskQuery, best_rows, exact_pool
@@ -135,17 +134,8 @@ def make_store(out: Path, rows: int, rng: np.random.Generator, shard_vectors: in
     # Shards as `rebase datastore build` groups them (consecutive blocks up to `shard_vectors`, kind by
     # `resolve_kind`), built in this process so the exact mode's memory is measured without Ray beside it.
     (out / "index").mkdir()
-    groups: list[list[Path]] = [[]]
-    size = 0
-    for block in sorted((out / "values" / KEY).glob("block-*.parquet")):
-        rows = pq.ParquetFile(block).metadata.num_rows
-        if groups[-1] and size + rows > shard_vectors:
-            groups.append([])
-            size = 0
-        groups[-1].append(block)
-        size += rows
-    for number, group in enumerate(groups):
-        vectors = sum(pq.ParquetFile(b).metadata.num_rows for b in group)
+    blocks = sorted((out / "values" / KEY).glob("block-*.parquet"))
+    for number, (group, vectors) in enumerate(group_blocks(blocks, shard_vectors)):
         kind = resolve_kind(index_kind, vectors, 200_000)
         path = str(out / "index" / f"{KEY}-{number:05d}.faiss")
         entry.shards.append(Shard(**build_shard([str(b) for b in group], path, kind, DIMENSION)))

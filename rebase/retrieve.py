@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rebase.datastore.index import merge_by_score
 from rebase.datastore.manifest import read_manifest
 from rebase.errors import RebaseError
 from rebase.io import embeddings_to_numpy, iter_parquet, write_json_atomic, write_parquet_atomic
@@ -504,11 +505,8 @@ class ApproximateIndex:
         queries = np.stack([query.input, query.output])
         found = ray.get([actor.search.remote(queries, depth) for actor in self.actors])
         # The nearest `depth` values over all shards, per query (a small shard must not add all it holds).
-        scores = np.concatenate([f[0] for f in found], axis=1)
-        ids = np.concatenate([f[1] for f in found], axis=1)
-        scores = np.where(ids == -1, -np.inf, scores)  # FAISS pads with -1; value ids may be negative
-        best = np.argsort(-scores, axis=1)[:, :depth]
-        candidates = np.unique(np.take_along_axis(ids, best, 1)[np.take_along_axis(scores, best, 1) > -np.inf])
+        scores, ids = merge_by_score([f[0] for f in found], [f[1] for f in found], depth)
+        candidates = np.unique(ids[scores > -np.inf])
         per_dataset = np.array(
             [-np.inf if is_banned(name, bans) else description_by_id[name] for name in self.cells.dataset_names],
             dtype=np.float32,

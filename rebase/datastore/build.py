@@ -22,7 +22,7 @@ from tqdm import tqdm
 from rebase.config import DatastoreConfig
 from rebase.datastore.embed import embed_blocks, embedding_dimension
 from rebase.datastore.flatten import cell_id, description_id, even_sample, flatten_row, row_uid, value_id
-from rebase.datastore.index import build_shard, resolve_kind
+from rebase.datastore.index import build_shard, group_blocks, resolve_kind
 from rebase.datastore.manifest import (
     MANIFEST,
     Embedder,
@@ -444,21 +444,11 @@ def _build_shards(out: Path, manifest: Manifest, entries: list[SourceEntry], con
     plans = []
     for entry in entries:
         blocks = [b for b in parquet_files(out / "values" / entry.key) if b.name != DESCRIPTIONS_BLOCK]
-        groups: list[list[Path]] = []
-        size = 0
-        for block in blocks:
-            rows = parquet_rows(block)
-            if not groups or size + rows > config.shard_vectors:
-                groups.append([])
-                size = 0
-            groups[-1].append(block)
-            size += rows
         done = {shard.file for shard in entry.shards}
-        for number, group in enumerate(groups):
+        for number, (group, vectors) in enumerate(group_blocks(blocks, config.shard_vectors)):
             file = out / "index" / f"{entry.key}-{number:05d}.faiss"
             if file.name in done and file.exists():
                 continue
-            vectors = sum(parquet_rows(b) for b in group)
             kind = resolve_kind(config.index, vectors, config.flat_max_vectors)
             plans.append((entry, [str(b) for b in group], str(file), kind))
     if not plans:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from rebase.io import embeddings_to_numpy, iter_parquet, write_bytes_atomic
+from rebase.io import embeddings_to_numpy, iter_parquet, parquet_rows, write_bytes_atomic
 
 
 def resolve_kind(requested: str, vectors: int, flat_max_vectors: int) -> str:
@@ -121,18 +121,33 @@ def load_shard(path: Path, nprobe: int | None = None):
     return index
 
 
+def group_blocks(blocks: list[Path], shard_vectors: int) -> list[tuple[list[Path], int]]:
+    """Consecutive values blocks grouped into shards of at most `shard_vectors` vectors (a larger block
+    is a shard of its own), each with its vector count."""
+    groups: list[tuple[list[Path], int]] = []
+    for block in blocks:
+        rows = parquet_rows(block)
+        if not groups or groups[-1][1] + rows > shard_vectors:
+            groups.append(([], 0))
+        members, size = groups[-1]
+        groups[-1] = ([*members, block], size + rows)
+    return groups
+
+
+def merge_by_score(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the top-k of several shards' (scores, ids) results; FAISS's -1 padding scores -inf
+    (a test on the id itself, since value ids may be negative)."""
+    merged_scores = np.concatenate(scores, axis=1)
+    merged_ids = np.concatenate(ids, axis=1)
+    merged_scores = np.where(merged_ids == -1, -np.inf, merged_scores)
+    order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(merged_scores, order, 1), np.take_along_axis(merged_ids, order, 1)
+
+
 def search_shards(shard_paths: list[Path], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, value ids) over all shards, merged by score; -1 ids pad missing results."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    all_scores, all_ids = [], []
-    for path in shard_paths:
-        scores, ids = load_shard(path).search(queries, k)
-        all_scores.append(scores)
-        all_ids.append(ids)
-    if not all_scores:
+    if not shard_paths:
         return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-    scores = np.concatenate(all_scores, axis=1)
-    ids = np.concatenate(all_ids, axis=1)
-    scores = np.where(ids == -1, -np.inf, scores)  # FAISS pads with -1; value ids may be negative
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    results = [load_shard(path).search(queries, k) for path in shard_paths]
+    return merge_by_score([r[0] for r in results], [r[1] for r in results], k)
