@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     except RebaseError as error:
         print(f"rebase: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`rebase datastore info DIR | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("rebase: interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
         return 130

@@ -173,3 +173,18 @@ def test_retrieve_command_and_its_bad_inputs(built_store, tmp_path):
     for args, fragments in cases:
         assert_one_line_error(rebase("retrieve", *args), *fragments)
     assert not (tmp_path / "r2").exists()
+
+
+def test_info_into_a_closed_pipe_stops_quietly(built_store):
+    """`rebase datastore info DIR | head -1`: the reader is gone before rebase writes (closed at once here)."""
+    _, out = built_store
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rebase", "datastore", "info", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # long before the child has imported rebase and printed anything
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
