@@ -55,25 +55,61 @@ def _parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--per-dataset-cap", type=int, dest="per_dataset_cap", help="most rows from one dataset")
     retrieve.add_argument("--embedder", help="must match the datastore's embedder")
 
+    transform = commands.add_parser("transform", help="the teacher turns retrieved rows into task examples")
+    transform.add_argument("--config", type=Path, help="YAML file of TransformConfig fields; flags override it")
+    transform.add_argument("--retrieved", type=Path, help="retrieved directory (from rebase retrieve)")
+    transform.add_argument("--task", type=Path, help="task YAML file")
+    transform.add_argument("--out", type=Path, help="transformed directory (created, or resumed)")
+    transform.add_argument(
+        "--teacher", help="builtin:gemma3-270m (default), a model directory, an HF id, or a served name"
+    )
+    transform.add_argument("--engine", choices=["transformers", "vllm", "openai"])
+    transform.add_argument("--limit", type=int, help="only the best-ranked N rows (a cheap trial)")
+    transform.add_argument("--base-url", dest="base_url", help="engine openai: the endpoint's /v1 URL")
+    transform.add_argument("--batch-size", type=int, dest="batch_size")
+    transform.add_argument("--concurrency", type=_concurrency, metavar="MIN,MAX", help="teacher actors")
+    transform.add_argument("--threads", type=int, help="torch threads per CPU actor")
+    transform.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    transform.add_argument("--temperature", type=float)
+    transform.add_argument("--judge", action="store_true", default=None, help="second pass: yes/no fit check")
+    transform.add_argument(
+        "--unconstrained", dest="constrained", action="store_false", default=None, help="no constrained decoding"
+    )
+
     info = datastore_commands.add_parser("info", help="describe a datastore")
     info.add_argument("directory", type=Path)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
     return parser
 
 
+def _stage_config(model, args: argparse.Namespace, needs: str):
+    """A stage's config from --config FILE and the flags named after its fields (flags win)."""
+    from rebase.config import build_config, load_config
+
+    overrides = {name: getattr(args, name, None) for name in model.model_fields}
+    if args.config:
+        return load_config(model, args.config, overrides)
+    required = [name for name, info in model.model_fields.items() if info.is_required()]
+    if any(overrides.get(name) is None for name in required):
+        raise RebaseError(f"{args.command} needs {needs} (or --config FILE)")
+    return build_config(model, {key: value for key, value in overrides.items() if value is not None})
+
+
 def _datastore_build(args: argparse.Namespace) -> int:
-    from rebase.config import DatastoreConfig, build_config, load_config
+    from rebase.config import DatastoreConfig
     from rebase.datastore import build_datastore
 
-    # Flags are named after the config fields they override.
-    overrides = {name: getattr(args, name, None) for name in DatastoreConfig.model_fields}
-    if args.config:
-        config = load_config(DatastoreConfig, args.config, overrides)
-    else:
-        if not args.sources or not args.out:
-            raise RebaseError("datastore build needs --source SPEC and --out DIR (or --config FILE)")
-        config = build_config(DatastoreConfig, {k: v for k, v in overrides.items() if v is not None})
-    summary = build_datastore(config)
+    args.command = "datastore build"
+    summary = build_datastore(_stage_config(DatastoreConfig, args, "--source SPEC and --out DIR"))
+    print(summary.line())
+    return 0
+
+
+def _transform(args: argparse.Namespace) -> int:
+    from rebase.config import TransformConfig
+    from rebase.teacher import transform
+
+    summary = transform(_stage_config(TransformConfig, args, "--retrieved DIR, --task TASK.yaml and --out DIR"))
     print(summary.line())
     return 0
 
@@ -135,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         ("datastore", "build"): _datastore_build,
         ("datastore", "info"): _datastore_info,
         ("retrieve", None): _retrieve,
+        ("transform", None): _transform,
     }
     try:
         return handlers[(args.command, getattr(args, "datastore_command", None))](args)

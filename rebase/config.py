@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rebase.errors import RebaseError
 
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+
+
+def _check_range(value: tuple[int, int]) -> tuple[int, int]:
+    if value[0] < 1 or value[1] < value[0]:
+        raise ValueError("must be (min, max) with 1 <= min <= max")
+    return value
+
+
+Concurrency = Annotated[tuple[int, int], AfterValidator(_check_range)]  # an actor pool's (min, max) size
 
 
 class StageConfig(BaseModel):
@@ -32,7 +41,7 @@ class DatastoreConfig(StageConfig):
     description: str | None = Field(None, description="description for files: sources without a sidecar")
     block_rows: int = Field(1024, ge=1, description="distinct values per embedding block (the resume unit)")
     embed_batch_size: int = Field(32, ge=1, description="texts per forward pass; small batches pad less")
-    embed_concurrency: tuple[int, int] | None = Field(
+    embed_concurrency: Concurrency | None = Field(
         None, description="(min, max) embedding actors; default (1, GPUs) on GPUs, (1, CPUs / embed_threads) on CPUs"
     )
     embed_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default min(4, cores)")
@@ -40,16 +49,6 @@ class DatastoreConfig(StageConfig):
     flat_max_vectors: int = Field(
         200_000, ge=1, description="with index=auto, shards up to this size are exact (flat), larger are IVF"
     )
-
-    @field_validator("embed_concurrency")
-    @classmethod
-    def _concurrency_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is None:
-            return value
-        low, high = value
-        if low < 1 or high < low:
-            raise ValueError("must be (min, max) with 1 <= min <= max")
-        return value
 
     @model_validator(mode="after")
     def _no_blank_sources(self) -> DatastoreConfig:
@@ -94,3 +93,44 @@ def load_config(model: type[Config], path: Path, overrides: dict | None = None) 
         field = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else ""
         origin = "command line" if field in given else str(path)
         raise RebaseError(f"{origin}: {_describe(error)}") from None
+
+
+Engine = Literal["transformers", "vllm", "openai"]
+
+
+class TransformConfig(StageConfig):
+    """`rebase transform`: which teacher, on which engine, how many at once, how strict."""
+
+    retrieved: Path
+    task: Path
+    out: Path
+    teacher: str = Field(
+        "builtin:gemma3-270m",
+        description="a built-in, a local model directory, an HF id, or the "
+        "model name the OpenAI-compatible endpoint serves",
+    )
+    engine: Engine = "transformers"
+    limit: int | None = Field(None, ge=1, description="transform only the best-ranked N rows (a cheap trial)")
+    max_value_chars: int = Field(250, ge=16, description="row values are truncated to this in the prompt (paper)")
+    max_new_tokens: int = Field(512, ge=8)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    constrained: bool = Field(True, description="constrain answers to the JSON schema (xgrammar, vLLM, json_schema)")
+    judge: bool = Field(False, description="second pass: the teacher says yes/no to each ok example (paper's filter)")
+    batch_size: int = Field(16, ge=1, description="prompts per engine call (one forward pass on transformers)")
+    concurrency: Concurrency | None = Field(
+        None, description="(min, max) teacher actors; default (1, GPUs) on GPUs, (1, CPUs / threads) on CPUs"
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default all cores")
+    base_url: str | None = Field(None, description="engine openai: the endpoint, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="engine openai: environment variable holding the key")
+    request_concurrency: int = Field(8, ge=1, description="engine openai: requests in flight per actor")
+    max_retries: int = Field(5, ge=0, description="engine openai: retries on 408/409/429/5xx, timeouts, resets")
+    request_timeout: float = Field(120.0, gt=0, description="engine openai: seconds per request")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="engine vllm")
+    max_model_len: int | None = Field(None, ge=64, description="engine vllm")
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> TransformConfig:
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("engine openai needs base_url (the endpoint, e.g. http://127.0.0.1:8000/v1)")
+        return self

@@ -20,6 +20,24 @@ def ensure_ray() -> None:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Stages draw their own progress bars; Ray Data's (logged every few seconds off a terminal) would
+    bury them, so they are off and Ray Data speaks only for warnings."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def actor_pool(concurrency: tuple[int, int]):
+    """Ray Data's autoscaling actor pool of `concurrency` = (min, max) actors."""
+    import ray.data
+
+    low, high = concurrency
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
 def cluster_gpus() -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,6 +26,29 @@ class Example(BaseModel):
         return value.strip()
 
 
+class PromptTemplates(BaseModel):
+    """Overrides of the teacher's prompts (`rebase.teacher.prompts`); each names its slots in braces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transform: str | None = Field(None, description="slots: {instruction} {examples} {row} {format}; {row} required")
+    judge: str | None = Field(None, description="slots: {instruction} {examples} {example}; {example} required")
+
+    @field_validator("transform")
+    @classmethod
+    def _transform_has_row(cls, value: str | None) -> str | None:
+        if value is not None and "{row}" not in value:
+            raise ValueError("the transform template must contain {row}")
+        return value
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_has_example(cls, value: str | None) -> str | None:
+        if value is not None and "{example}" not in value:
+            raise ValueError("the judge template must contain {example}")
+        return value
+
+
 class TaskSpec(StageConfig):
     """An instruction, 1 to 8 examples, optional labels, banned datasets and an optional eval source."""
 
@@ -34,6 +58,17 @@ class TaskSpec(StageConfig):
     labels: list[str] | None = Field(None, min_length=1)
     ban: list[str] = Field(default_factory=list, description="dataset ids (or id prefixes) never retrieved")
     eval: str | None = Field(None, description="held-out data for `rebase evaluate`, a datastore SPEC")
+    chain_of_thought: bool | None = Field(
+        None, description="outputs carry reasoning ending in 'the answer is X'; default: true when every example does"
+    )
+    prompts: PromptTemplates = Field(default_factory=PromptTemplates)
+
+    @property
+    def reasons(self) -> bool:
+        """True when the task's outputs are a rationale ending in a final answer (chain of thought)."""
+        if self.chain_of_thought is not None:
+            return self.chain_of_thought
+        return all(split_rationale(example.output)[1] is not None for example in self.examples)
 
     @field_validator("instruction")
     @classmethod
@@ -67,3 +102,35 @@ def is_banned(dataset_id: str, bans: list[str]) -> bool:
     """True when `dataset_id` is a banned id or lies under one (`bigbench/navigate` bans
     `bigbench/navigate/sub` but not `bigbench/navigate_more`): whole path segments, never substrings."""
     return any(dataset_id == ban or dataset_id.startswith(ban + "/") for ban in bans)
+
+
+_ANSWER = re.compile(r"(?:^|[\s.,;:!?])(?:so |thus |therefore |hence )?the (?:final )?answer is[:\s]*", re.IGNORECASE)
+
+
+def split_rationale(text: str) -> tuple[str, str | None]:
+    """(reasoning, final answer) of an output that ends "... So the answer is X."; (text, None) when none does.
+    The last "answer is" counts; the answer loses surrounding quotes and a final full stop."""
+    matches = list(_ANSWER.finditer(text))
+    if not matches:
+        return text.strip(), None
+    last = matches[-1]
+    answer = text[last.end() :].strip()
+    for _ in range(2):  # "'neutral'." and "'neutral.'" both give neutral
+        answer = answer[:-1] if answer.endswith(".") else answer
+        answer = answer.strip().strip("\"'`*").strip()
+    return text[: last.start()].strip(), answer or None
+
+
+def final_answer(text: str) -> str:
+    """The answer an output gives: after the last "the answer is" when there is one, else the whole text."""
+    reasoning, answer = split_rationale(text)
+    return answer if answer is not None else reasoning
+
+
+def match_label(answer: str, labels: list[str]) -> str | None:
+    """The label an answer names, ignoring case, surrounding spaces and punctuation; None if none does."""
+    key = re.sub(r"[\W_]+", " ", answer).strip().lower()
+    for label in labels:
+        if re.sub(r"[\W_]+", " ", label).strip().lower() == key:
+            return label
+    return None

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rebase.io import numpy_to_embeddings, parquet_rows, write_parquet_atomic
+from rebase.ray_setup import actor_pool
 
 
 class Embedder:
@@ -115,7 +116,7 @@ def embed_blocks(
         },
         batch_size=None,  # a whole block per call: encode() sorts it by length, so batches pad little
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=actor_pool(concurrency),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
     )

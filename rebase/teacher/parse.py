@@ -1,0 +1,118 @@
+"""Teacher answers -> records: parse leniently, validate strictly, keep every record with its status.
+
+Statuses (DESIGN.md): `ok` (used for training), `parse_error` (no usable JSON object), `rejected` (an
+empty field, an answer outside the task's labels, a copy of a few-shot example, a "no" from the judge),
+`duplicate` (the same input as an earlier record, ignoring case, spacing and punctuation), and `failed`
+(a request the engine could not answer, such as an endpoint that kept failing; it is not cached, so a
+re-run sends it again).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from rebase.task import TaskSpec, match_label, split_rationale
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+
+
+def parse_completion(text: str, fields: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    """(fields, None) from the first JSON object in `text` holding every field in `fields`, or (None, why).
+    Lenient: the object may sit in a code fence or among other text, and scalar values become text."""
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    decoder = json.JSONDecoder()
+    error = "no JSON object in the answer"
+    for candidate in candidates:
+        for start in (i for i, char in enumerate(candidate) if char == "{"):
+            try:
+                value, _ = decoder.raw_decode(candidate, start)
+            except json.JSONDecodeError as failure:
+                error = f"broken JSON ({failure.msg})"
+                continue
+            if not isinstance(value, dict):
+                continue
+            missing = [field for field in fields if field not in value]
+            if missing:
+                error = "JSON object without " + ", ".join(f"'{field}'" for field in missing)
+                continue
+            record = {}
+            for field in fields:
+                item = value[field]
+                if isinstance(item, (dict, list)):
+                    return None, f"field '{field}' is not text"
+                record[field] = "" if item is None else str(item).strip() if isinstance(item, str) else json.dumps(item)
+            return record, None
+    return None, error
+
+
+def normalise(text: str) -> str:
+    """Text compared for copies and duplicates: lower case, letters and digits only, single spaces."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def training_output(task: TaskSpec, parsed: dict) -> tuple[str, str | None]:
+    """(output the student learns, reasoning): for chain-of-thought tasks the reasoning followed by
+    "So the answer is X." as in the task's examples."""
+    if not task.reasons:
+        return parsed["output"], None
+    return f"{parsed['reasoning']} So the answer is {parsed['output']}.", parsed["reasoning"]
+
+
+def check_records(task: TaskSpec, answers: list[dict]) -> list[dict]:
+    """Validate answers in order (best-ranked first). Each answer has `row_uid` and `text` (or `error`);
+    each record gets `input`, `output`, `reasoning`, `answer`, `status` and `reason`."""
+    fields = ("input", "reasoning", "output") if task.reasons else ("input", "output")
+    example_inputs = {normalise(example.input): number for number, example in enumerate(task.examples, 1)}
+    seen: dict[str, str] = {}  # normalised input -> the row whose record first had it
+    records = []
+    for answer in answers:
+        record = {"row_uid": answer["row_uid"], "input": None, "output": None, "reasoning": None, "answer": None}
+        if answer.get("error"):
+            records.append({**record, "status": "failed", "reason": answer["error"]})
+            continue
+        parsed, error = parse_completion(answer["text"], fields)
+        if parsed is None:
+            cut = " (cut off at the token limit)" if answer.get("finish_reason") == "length" else ""
+            records.append({**record, "status": "parse_error", "reason": error + cut})
+            continue
+        status, reason = "ok", None
+        empty = [field for field in fields if not parsed[field].strip()]
+        label = (
+            match_label(split_rationale(parsed["output"])[1] or parsed["output"], task.labels) if task.labels else None
+        )
+        if empty:
+            status, reason = "rejected", "empty " + ", ".join(empty)
+        elif task.labels and label is None:
+            status, reason = "rejected", f"answer '{parsed['output'][:60]}' is not one of the labels"
+        if label is not None:
+            parsed["output"] = label
+        output, reasoning = training_output(task, parsed)
+        key = normalise(parsed["input"])
+        if status == "ok" and key in example_inputs:
+            status, reason = "rejected", f"copies few-shot example {example_inputs[key]}"
+        elif status == "ok" and key in seen:
+            status, reason = "duplicate", f"same input as row {seen[key]}"
+        if status == "ok":
+            seen[key] = answer["row_uid"]
+        answer_text = parsed["output"] if task.reasons or task.labels else None
+        records.append(
+            {
+                **record,
+                "input": parsed["input"],
+                "output": output,
+                "reasoning": reasoning,
+                "answer": answer_text,
+                "status": status,
+                "reason": reason,
+            }
+        )
+    return records
+
+
+def judge_verdict(text: str) -> bool | None:
+    """The judge's yes/no: True, False, or None when the answer starts with neither."""
+    words = re.findall(r"[a-z]+", text.lower())
+    if not words:
+        return None
+    return True if words[0] == "yes" else False if words[0] == "no" else None

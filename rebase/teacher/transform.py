@@ -1,0 +1,371 @@
+"""`rebase transform`: retrieved rows -> prompts -> teacher answers (a Ray Data actor pool) -> checked records.
+
+Reads a retrieved directory, writes a transformed directory (DESIGN.md):
+    answers/part-*.parquet   the teacher's raw answers, keyed by prompt hash, one file per engine batch
+    judged/part-*.parquet    the judge's raw answers (with `judge: true`)
+    records.parquet          one record per retrieved row: the example, its status and why, its lineage
+    stats.json, _SUCCESS
+Answers are written as each batch returns, so a crash or Ctrl-C loses at most the batches in flight, and a
+re-run sends only prompts that have no answer yet. Records are re-derived from the answers on every run,
+so a change to validation never needs the teacher again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rebase.config import TransformConfig
+from rebase.errors import RebaseError
+from rebase.io import write_json_atomic, write_parquet_atomic
+from rebase.progress import progress_bar
+from rebase.ray_setup import actor_pool
+from rebase.task import TaskSpec, load_task
+from rebase.teacher.engines import GenerationParams, OpenAIEngine, make_engine
+from rebase.teacher.parse import check_records, judge_verdict
+from rebase.teacher.prompts import judge_prompt, output_schema, prompt_hash, transform_prompt
+
+ANSWER_SCHEMA = pa.schema(
+    [
+        ("prompt_hash", pa.string()),
+        ("text", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
+RECORD_SCHEMA = pa.schema(
+    [
+        ("rank", pa.int64()),
+        ("row_uid", pa.string()),
+        ("dataset_id", pa.string()),
+        ("input", pa.string()),
+        ("output", pa.string()),
+        ("reasoning", pa.string()),
+        ("answer", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("teacher", pa.string()),
+        ("prompt_hash", pa.string()),
+        ("row", pa.string()),
+    ]
+)
+_OWN_FILES = {"answers", "judged", "records.parquet", "stats.json", "_SUCCESS"}
+
+
+@dataclass
+class TransformSummary:
+    out: Path
+    rows: int
+    statuses: dict[str, int]
+    reasons: dict[str, int]
+    sent: int
+    cached: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    generation_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        statuses = ", ".join(f"{count} {status}" for status, count in sorted(self.statuses.items()))
+        rate = self.sent / self.generation_seconds if self.generation_seconds else 0.0
+        return (
+            f"transformed {self.rows} rows: {statuses}; {self.sent} sent, {self.cached} answered before; "
+            f"tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out; {self.seconds:.0f} s, "
+            f"{rate:.2f} examples/s -> {self.out}"
+        )
+
+
+def transform(config: TransformConfig) -> TransformSummary:
+    """Turn the retrieved rows into task examples with the teacher; resumable, every row accounted for."""
+    started = time.monotonic()
+    task = load_task(config.task)
+    rows = read_retrieved(config.retrieved, config.limit)
+    settings = {
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "constrained": config.constrained,
+    }
+    fingerprint = _fingerprint(task, config, settings)
+    out = config.out
+    _check_out(out, fingerprint)
+    schema = output_schema(task) if config.constrained else None
+    params = GenerationParams(config.max_new_tokens, config.temperature, schema)
+    prompts = [transform_prompt(task, json.loads(row["row"]), config.max_value_chars) for row in rows]
+    hashes = [prompt_hash(prompt, config.teacher, settings) for prompt in prompts]
+    teacher = _TeacherPool(config)
+    answers, run = teacher.answer(dict(zip(hashes, prompts)), out / "answers", params, "transform")
+    records = check_records(task, [{"row_uid": row["row_uid"], **answers[h]} for row, h in zip(rows, hashes)])
+    if config.judge:
+        judged = [n for n, record in enumerate(records) if record["status"] == "ok"]
+        judge_prompts = [judge_prompt(task, records[n]) for n in judged]
+        judge_hashes = [prompt_hash(p, config.teacher, {"judge": True}) for p in judge_prompts]
+        verdicts, judge_run = teacher.answer(
+            dict(zip(judge_hashes, judge_prompts)), out / "judged", GenerationParams(4, 0.0, None), "judge"
+        )
+        run = {key: run[key] + judge_run[key] for key in run}
+        for n, h in zip(judged, judge_hashes):
+            _apply_verdict(records[n], verdicts[h])
+    for record, row, h in zip(records, rows, hashes):
+        record.update(
+            rank=row["rank"], dataset_id=row["dataset_id"], teacher=config.teacher, prompt_hash=h, row=row["row"]
+        )
+    statuses = Counter(record["status"] for record in records)
+    reasons = Counter(
+        _reason_kind(record["reason"]) for record in records if record["status"] not in ("ok",) and record["reason"]
+    )
+    stats = {
+        "task": task.name,
+        "retrieved": str(config.retrieved),
+        "teacher": config.teacher,
+        "engine": config.engine,
+        "settings": {**settings, "max_value_chars": config.max_value_chars, "judge": config.judge},
+        "limit": config.limit,
+        "fingerprint": fingerprint,
+        "rows": len(records),
+        "statuses": dict(statuses),
+        "reasons": dict(reasons),
+        "sent": run["sent"],
+        "cached": run["cached"],
+        "prompt_tokens": run["prompt_tokens"],
+        "completion_tokens": run["completion_tokens"],
+        "generation_seconds": round(run["seconds"], 2),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    (out / "_SUCCESS").unlink(missing_ok=True)
+    write_parquet_atomic(out / "records.parquet", pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
+    write_json_atomic(out / "stats.json", stats)
+    (out / "_SUCCESS").write_text("")
+    return TransformSummary(
+        out=out,
+        rows=len(records),
+        statuses=dict(statuses),
+        reasons=dict(reasons),
+        sent=run["sent"],
+        cached=run["cached"],
+        prompt_tokens=run["prompt_tokens"],
+        completion_tokens=run["completion_tokens"],
+        seconds=time.monotonic() - started,
+        generation_seconds=run["seconds"],
+    )
+
+
+def read_retrieved(directory: Path, limit: int | None = None) -> list[dict]:
+    """The retrieved rows best first (at most `limit`); one clear error when the directory is not one."""
+    path = Path(directory) / "rows.parquet"
+    if not (Path(directory) / "_SUCCESS").exists() or not path.exists():
+        raise RebaseError(
+            f"{directory} is not a finished retrieval (no _SUCCESS and rows.parquet); run rebase retrieve"
+        )
+    table = pq.read_table(path, columns=["rank", "row_uid", "dataset_id", "row"]).sort_by("rank")
+    if limit is not None:
+        table = table.slice(0, limit)
+    if not table.num_rows:
+        raise RebaseError(f"{directory} holds no retrieved rows")
+    return table.to_pylist()
+
+
+def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str:
+    """What makes a transformed directory what it is (not `--limit`: a trial may grow into the full run)."""
+    stats_path = Path(config.retrieved) / "stats.json"
+    retrieved = json.loads(stats_path.read_text()).get("fingerprint") if stats_path.exists() else None
+    payload = {
+        "task": task.model_dump(mode="json"),
+        "retrieved": retrieved,
+        "teacher": config.teacher,
+        "settings": settings,
+        "max_value_chars": config.max_value_chars,
+        "judge": config.judge,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_out(out: Path, fingerprint: str) -> None:
+    """A new directory, an unfinished transform, or a finished one with the same inputs; nothing else."""
+    if out.exists() and not out.is_dir():
+        raise RebaseError(f"--out {out} is a file; choose a directory")
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    names = {path.name for path in out.iterdir()}
+    if names - _OWN_FILES:
+        raise RebaseError(f"--out {out} holds files that are not a rebase transform; choose another")
+    stats_path = out / "stats.json"
+    if stats_path.exists() and json.loads(stats_path.read_text()).get("fingerprint") != fingerprint:
+        raise RebaseError(
+            f"{out} holds a transform made with another task, retrieval, teacher or settings; choose another --out"
+        )
+
+
+def _apply_verdict(record: dict, answer: dict) -> None:
+    if answer.get("error"):
+        record.update(status="failed", reason=f"judge: {answer['error']}")
+        return
+    verdict = judge_verdict(answer["text"])
+    if verdict is False:
+        record.update(status="rejected", reason="the judge said no")
+    elif verdict is None:
+        record.update(status="rejected", reason="the judge answered neither yes nor no")
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its specifics, for counting ("answer 'Maybe' is not ..." -> "answer is not ...")."""
+    if reason.startswith("answer '"):
+        return "answer is not one of the labels"
+    if reason.startswith("same input as row"):
+        return "same input as an earlier row"
+    if reason.startswith("copies few-shot example"):
+        return "copies a few-shot example"
+    return reason
+
+
+class _TeacherPool:
+    """Sends prompts that have no answer yet through a Ray Data actor pool; stores answers per batch."""
+
+    def __init__(self, config: TransformConfig):
+        self.config = config
+        self._ready = False
+
+    def _prepare(self) -> None:
+        """Resolve the teacher once in the driver (converting a built-in, or one clear error) and, for an
+        endpoint, make one tiny request so a wrong URL or key fails before any work is sent."""
+        from rebase.models import resolve_model
+        from rebase.ray_setup import cluster_gpus, ensure_ray
+
+        config = self.config
+        if self._ready:
+            return
+        ensure_ray()
+        import ray
+
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        gpus = cluster_gpus() if config.engine != "openai" else 0
+        if config.engine == "vllm" and not gpus:
+            raise RebaseError("engine 'vllm' needs GPUs in the Ray cluster; use --engine transformers on CPUs")
+        if config.engine == "openai":
+            model = config.teacher
+            OpenAIEngine(model, config.base_url, config.api_key_env, max_retries=1, timeout=30).check()
+        else:
+            model = str(resolve_model(config.teacher))
+        threads = None if gpus else (config.threads or cpus)
+        self.engine_options = {
+            "kind": config.engine,
+            "model": model,
+            "batch_size": config.batch_size,
+            "threads": threads,
+            "base_url": config.base_url,
+            "api_key_env": config.api_key_env,
+            "concurrency": config.request_concurrency,
+            "max_retries": config.max_retries,
+            "timeout": config.request_timeout,
+            "structured": config.constrained,
+            "gpu_memory_utilization": config.gpu_memory_utilization,
+            "max_model_len": config.max_model_len,
+        }
+        if config.concurrency:
+            self.concurrency = config.concurrency
+        elif gpus:
+            self.concurrency = (1, max(1, int(gpus)))
+        elif config.engine == "openai":
+            self.concurrency = (1, 1)
+        else:
+            self.concurrency = (1, max(1, cpus // (threads or 1)))
+        self.gpus = 1 if gpus else 0
+        self.cpus = 0.25 if config.engine == "openai" else 1  # an endpoint client mostly waits
+        self._ready = True
+
+    def answer(self, prompts: dict[str, str], cache: Path, params: GenerationParams, what: str) -> tuple[dict, dict]:
+        """Answers for every prompt hash (cached, new, or failed with `error`) and this run's counts."""
+        answers = _read_answers(cache)
+        pending = [h for h in prompts if h not in answers]
+        run = {"sent": len(pending), "cached": len(prompts) - len(pending), "prompt_tokens": 0}
+        run.update(completion_tokens=0, seconds=0.0)
+        failed: dict[str, dict] = {}
+        if pending:
+            print(
+                f"{what}: {run['cached']} of {len(prompts)} prompts answered before; sending {len(pending)}",
+                file=sys.stderr,
+            )
+            self._prepare()
+            cache.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            with progress_bar(total=len(pending), desc=what, unit="prompt") as bar:
+                for batch in self._run(pending, prompts, params):
+                    errors = batch.column("error").to_pylist()
+                    kept = batch.filter(pa.array([e is None for e in errors])).select(ANSWER_SCHEMA.names)
+                    if kept.num_rows:
+                        kept = kept.cast(ANSWER_SCHEMA)
+                        key = hashlib.sha256("".join(kept.column("prompt_hash").to_pylist()).encode()).hexdigest()
+                        write_parquet_atomic(cache / f"part-{key[:20]}.parquet", kept)
+                        for answer in kept.to_pylist():
+                            answers[answer["prompt_hash"]] = answer
+                    for h, error in zip(batch.column("prompt_hash").to_pylist(), errors):
+                        if error is not None:
+                            failed[h] = {"error": error}
+                    run["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
+                    run["completion_tokens"] += int(pc.sum(batch.column("completion_tokens")).as_py() or 0)
+                    bar.update(batch.num_rows)
+            run["seconds"] = time.monotonic() - started
+        return {h: answers.get(h) or failed[h] for h in prompts}, run
+
+    def _run(self, pending: list[str], prompts: dict[str, str], params: GenerationParams):
+        import ray
+
+        size = self.config.batch_size
+        items = [{"prompt_hash": h, "prompt": prompts[h]} for h in pending]
+        # One Ray block per engine batch, so the pool has work to scale against and answers stream back.
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / size)))
+        dataset = dataset.map_batches(
+            TeacherActor,
+            fn_constructor_kwargs={"engine": self.engine_options, "params": params.__dict__},
+            batch_size=size,
+            batch_format="numpy",
+            compute=actor_pool(self.concurrency),
+            num_gpus=self.gpus,
+            num_cpus=self.cpus,
+        )
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+class TeacherActor:
+    """One teacher per Ray actor, loaded once; each call answers one batch of prompts."""
+
+    def __init__(self, engine: dict, params: dict):
+        options = dict(engine)
+        self.engine = make_engine(options.pop("kind"), options.pop("model"), **options)
+        self.params = GenerationParams(**params)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        started = time.monotonic()
+        completions = self.engine.generate([str(p) for p in batch["prompt"]], self.params)
+        seconds = (time.monotonic() - started) / max(1, len(completions))
+        return {
+            "prompt_hash": [str(h) for h in batch["prompt_hash"]],
+            "text": [c.text for c in completions],
+            "prompt_tokens": [c.prompt_tokens for c in completions],
+            "completion_tokens": [c.completion_tokens for c in completions],
+            "finish_reason": [c.finish_reason for c in completions],
+            "error": [c.error for c in completions],
+            "seconds": [seconds] * len(completions),
+        }
+
+
+def _read_answers(cache: Path) -> dict[str, dict]:
+    answers: dict[str, dict] = {}
+    for path in sorted(cache.glob("part-*.parquet")) if cache.exists() else []:
+        for answer in pq.read_table(path).to_pylist():
+            answers[answer["prompt_hash"]] = answer
+    return answers

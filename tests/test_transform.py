@@ -1,0 +1,339 @@
+"""The transform stage on real Ray with the real built-in teacher, its resume, and the OpenAI engine against
+a real HTTP server on loopback (tests/openai_server.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from rebase.config import TransformConfig, build_config
+from rebase.errors import RebaseError
+from rebase.teacher import transform
+
+REVIEWS = [
+    "The acting was wonderful and the story moved me.",
+    "A dull, overlong film with a silly plot.",
+    "I loved every minute of this charming comedy.",
+    "The worst meal I have had in years; cold and bland.",
+    "Friendly staff and a beautiful view from the terrace.",
+    "The battery died after two days and support never answered.",
+    "Crisp sound, easy set-up, great value for the price.",
+    "Boring lectures and a confusing textbook.",
+]
+TASK = {
+    "name": "sentiment",
+    "instruction": "Is the review positive or negative?",
+    "examples": [
+        {"input": "Great food and kind waiters.", "output": "positive"},
+        {"input": "The room was dirty and noisy.", "output": "negative"},
+    ],
+    "labels": ["positive", "negative"],
+}
+
+
+# Rows BIG-bench gave for the navigate task (bigbench/goal_step_wikihow and bigbench/physical_intuition).
+NAVIGATE_ROWS = [
+    {
+        "input": "In order to 'Make a Clothes Line', one can 'Measure the posts' and 'Cut the angles in your "
+        "crossbeams'. Which should happen first?",
+        "output": "Measure the posts.",
+    },
+    {
+        "input": "I stand to your left and you pass a ball to me. Which direction does the ball travel?",
+        "output": "Left",
+    },
+    {
+        "input": "In order to 'Set up a Dome Tent', one can 'Lay out all the parts of the tent on the tarp' and "
+        "'Lay down the tarp'. Which should happen first?",
+        "output": "Lay down the tarp.",
+    },
+    {"input": "You walk ten steps north, then ten steps south. Where are you?", "output": "Where I started."},
+]
+
+
+def write_retrieved(directory: Path, rows: list[dict]) -> Path:
+    """A finished retrieval holding `rows` best first (the layout `rebase retrieve` writes)."""
+    directory.mkdir()
+    table = [
+        {
+            "rank": rank,
+            "row_uid": f"uid{rank:04d}",
+            "dataset_id": "local/a" if rank % 2 else "local/b",
+            "score": 1.0 - rank / 100,
+            "input_score": 0.5,
+            "output_score": 0.5,
+            "description_score": 0.5,
+            "row": json.dumps(row),
+        }
+        for rank, row in enumerate(rows, 1)
+    ]
+    pq.write_table(pa.Table.from_pylist(table), directory / "rows.parquet")
+    (directory / "stats.json").write_text(json.dumps({"fingerprint": "test"}))
+    (directory / "_SUCCESS").write_text("")
+    return directory
+
+
+@pytest.fixture
+def retrieved(tmp_path) -> Path:
+    """Eight short review rows: short answers keep the model-backed tests quick."""
+    return write_retrieved(
+        tmp_path / "retrieved", [{"text": text, "stars": str(1 + n % 5)} for n, text in enumerate(REVIEWS)]
+    )
+
+
+@pytest.fixture
+def task_file(tmp_path) -> Path:
+    path = tmp_path / "sentiment.yaml"
+    path.write_text(yaml.safe_dump(TASK))
+    return path
+
+
+def config(retrieved: Path, task_file: Path, out: Path, **fields) -> TransformConfig:
+    values = {"retrieved": retrieved, "task": task_file, "out": out, "max_new_tokens": 96, "batch_size": 4}
+    return build_config(TransformConfig, {**values, **fields})
+
+
+def records(out: Path) -> list[dict]:
+    return pq.read_table(out / "records.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def teacher_engine():
+    from rebase.models import resolve_model
+    from rebase.teacher.engines import TransformersEngine
+
+    return TransformersEngine(str(resolve_model("builtin:gemma3-270m")), batch_size=4)
+
+
+# ------------------------------------------------------------------ bad input (no model needed)
+
+
+def test_bad_inputs_are_one_line_errors(retrieved, task_file, tmp_path):
+    with pytest.raises(RebaseError, match="is not a finished retrieval"):
+        transform(config(tmp_path / "nowhere", task_file, tmp_path / "out"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RebaseError, match="not a rebase transform"):
+        transform(config(retrieved, task_file, foreign))
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(RebaseError, match="engine openai needs base_url"):
+        config(retrieved, task_file, tmp_path / "out", engine="openai")
+    with pytest.raises(RebaseError, match="field 'concurrency'"):
+        config(retrieved, task_file, tmp_path / "out", concurrency=(2, 1))
+
+
+def test_cli_reports_a_missing_retrieval_in_one_line(tmp_path, task_file):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rebase",
+            "transform",
+            "--retrieved",
+            str(tmp_path / "none"),
+            "--task",
+            str(task_file),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"rebase: error: {tmp_path / 'none'} is not a finished retrieval (no _SUCCESS and rows.parquet); "
+        "run rebase retrieve"
+    ]
+
+
+# ------------------------------------------------------------------ the built-in teacher on real Ray
+
+
+@pytest.mark.slow
+def test_transform_with_the_builtin_teacher_then_resume(tmp_path):
+    """The shipped navigate task (chain of thought, labels) on rows BIG-bench retrieved for it."""
+    retrieved = write_retrieved(tmp_path / "retrieved", NAVIGATE_ROWS)
+    task_file = Path(__file__).parents[1] / "jobs" / "tasks" / "navigate.yaml"
+    out = tmp_path / "transformed"
+    summary = transform(config(retrieved, task_file, out, limit=3, max_new_tokens=320))
+    assert (summary.rows, summary.sent, summary.cached) == (3, 3, 0)
+    found = records(out)
+    assert [r["rank"] for r in found] == [1, 2, 3]
+    assert [r["row_uid"] for r in found] == ["uid0001", "uid0002", "uid0003"]
+    # Constrained decoding: every answer parses, ends in a label, and carries reasoning.
+    assert all(r["status"] != "parse_error" for r in found), [r["reason"] for r in found]
+    assert all(r["answer"] in ("Yes", "No") for r in found)
+    assert all(r["output"] == f"{r['reasoning']} So the answer is {r['answer']}." for r in found)
+    assert sum(r["status"] == "ok" for r in found) >= 1, [(r["status"], r["reason"]) for r in found]
+    for record in found:
+        assert record["teacher"] == "builtin:gemma3-270m" and len(record["prompt_hash"]) == 24
+        assert json.loads(record["row"]) in NAVIGATE_ROWS
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rows"] == 3 and sum(stats["statuses"].values()) == 3
+    assert stats["completion_tokens"] > 3 * 10 and stats["prompt_tokens"] > 3 * 300
+    assert (out / "_SUCCESS").exists()
+
+    again = transform(config(retrieved, task_file, out, limit=3, max_new_tokens=320))
+    assert (again.sent, again.cached) == (0, 3)
+    assert records(out) == found
+    grown = transform(config(retrieved, task_file, out, max_new_tokens=320))
+    assert (grown.sent, grown.cached, grown.rows) == (1, 3, 4)
+    assert records(out)[:3] == found
+
+    with pytest.raises(RebaseError, match="another task, retrieval, teacher or settings"):
+        transform(config(retrieved, task_file, out, max_new_tokens=50))
+
+
+@pytest.mark.slow
+def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_file, tmp_path):
+    out = tmp_path / "transformed"
+    command = [
+        sys.executable,
+        "-m",
+        "rebase",
+        "transform",
+        "--retrieved",
+        str(retrieved),
+        "--task",
+        str(task_file),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "64",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    answers = out / "answers"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list(answers.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the transform finished before it could be interrupted"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in answers.glob("part-*.parquet")}
+    answered = sum(pq.read_metadata(answers / name).num_rows for name in kept)
+    assert 2 <= answered < len(REVIEWS)
+    assert not (out / "_SUCCESS").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert f"{len(REVIEWS) - answered} sent, {answered} answered before" in summary
+    for name, mtime in kept.items():
+        assert (answers / name).stat().st_mtime_ns == mtime
+    assert sorted(r["rank"] for r in records(out)) == list(range(1, len(REVIEWS) + 1))
+
+
+@pytest.mark.slow
+def test_prefix_sharing_gives_the_same_greedy_text(teacher_engine):
+    from rebase.teacher.engines import GenerationParams
+
+    head = "Rewrite the review in one short sentence. Keep its meaning and its sentiment. " * 4
+    prompts = [f"{head}\nReview: {text}\nRewritten:" for text in REVIEWS[:5]]
+    params = GenerationParams(max_new_tokens=12)
+    teacher_engine.share_prefix = True
+    shared = teacher_engine.generate(prompts, params)
+    teacher_engine.share_prefix = False
+    plain = teacher_engine.generate(prompts, params)
+    teacher_engine.share_prefix = True
+    assert [c.text for c in shared] == [c.text for c in plain]
+    assert all(c.completion_tokens > 0 for c in shared)
+
+
+# ------------------------------------------------------------------ the openai engine over real HTTP
+
+
+@pytest.mark.slow
+def test_openai_engine_retries_429_and_5xx(retrieved, task_file, tmp_path, teacher_engine):
+    from openai_server import ChatServer
+
+    with ChatServer(teacher_engine) as server:
+        server.fail_with = [429, 503]
+        out = tmp_path / "transformed"
+        summary = transform(
+            config(
+                retrieved,
+                task_file,
+                out,
+                limit=3,
+                engine="openai",
+                base_url=server.base_url,
+                teacher="teacher",
+                request_concurrency=1,
+            )
+        )
+        assert summary.statuses.get("failed", 0) == 0
+        assert server.generation_requests == 3 + 2  # two refused attempts, retried with backoff
+        found = records(out)
+        assert all(r["status"] != "parse_error" for r in found)  # json_schema response_format reached the model
+        assert all(r["output"] in ("positive", "negative") for r in found)
+
+
+@pytest.mark.slow
+def test_openai_failures_are_kept_and_resent(retrieved, task_file, tmp_path, teacher_engine):
+    from openai_server import ChatServer
+
+    with ChatServer(teacher_engine) as server:
+        server.fail_with = [500] * 4  # two prompts x (one attempt + one retry)
+        out = tmp_path / "transformed"
+        settings = {
+            "engine": "openai",
+            "base_url": server.base_url,
+            "teacher": "teacher",
+            "max_retries": 1,
+            "request_concurrency": 1,
+            "limit": 3,
+        }
+        first = transform(config(retrieved, task_file, out, **settings))
+        assert first.statuses["failed"] == 2 and first.sent == 3
+        failed = [r for r in records(out) if r["status"] == "failed"]
+        assert [r["reason"] for r in failed] == ["InternalServerError 500"] * 2
+        second = transform(config(retrieved, task_file, out, **settings))
+        assert (second.sent, second.cached) == (2, 1)
+        assert second.statuses.get("failed", 0) == 0
+
+
+def test_openai_engine_refuses_a_bad_key_before_any_work(retrieved, task_file, tmp_path, monkeypatch):
+    from openai_server import ChatServer
+
+    monkeypatch.setenv("TEACHER_KEY", "wrong")
+    with ChatServer(None, api_key="right") as server:
+        with pytest.raises(RebaseError, match=r"refused the API key from \$TEACHER_KEY"):
+            transform(
+                config(
+                    retrieved,
+                    task_file,
+                    tmp_path / "out",
+                    engine="openai",
+                    base_url=server.base_url,
+                    teacher="teacher",
+                    api_key_env="TEACHER_KEY",
+                )
+            )
+        assert server.requests == 1
+    with pytest.raises(RebaseError, match="cannot reach the OpenAI-compatible endpoint"):
+        transform(
+            config(
+                retrieved,
+                task_file,
+                tmp_path / "out2",
+                engine="openai",
+                base_url=f"http://127.0.0.1:{server.port}/v1",
+                teacher="teacher",
+            )
+        )
