@@ -94,9 +94,7 @@ class TransformersEngine:
         examples), so prefill shrinks to the rows themselves: the saving vLLM's prefix caching makes."""
         import torch
 
-        cache = self.model(
-            input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
-        ).past_key_values
+        cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1).cache
         for layer in cache.layers:
             for name in ("keys", "values"):
                 tensor = getattr(layer, name)
@@ -108,6 +106,75 @@ class TransformersEngine:
                 ]
                 setattr(layer, name, torch.cat(rows))
         return cache
+
+    def _decode(self, ids: list[list[int]], params: GenerationParams) -> list[tuple[list[int], bool]]:
+        """(new tokens, stopped) for each prompt of one batch: left-padded prefill (from the shared-prefix cache
+        when the prompts share a head), then one token per step for the rows still going. A row that stops
+        leaves the batch and the cache at once, so the long answers of a few rows do not keep every row's
+        width busy to the end (as `generate` does); greedy unless `params.temperature` > 0. With a schema,
+        each row's xgrammar matcher masks the logits, so the answer can only be JSON of that schema."""
+        import torch
+
+        device = self.device
+        width = max(len(x) for x in ids)
+        pads = [width - len(x) for x in ids]
+        input_ids = torch.tensor([[self.tokenizer.pad_token_id] * p + x for p, x in zip(pads, ids)], device=device)
+        mask = torch.tensor([[0] * p + [1] * len(x) for p, x in zip(pads, ids)], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        shared = min(_common_prefix_length(ids), width - 1)  # every row keeps a token to compute
+        cache, start = None, 0
+        if len(ids) > 1 and self._prefix_fits(shared):
+            cache, start = self._prefix_cache(ids[0][:shared], pads), shared
+        matchers, bitmask = None, None
+        if params.json_schema is not None:
+            import xgrammar
+
+            grammar = self._grammar(params.json_schema)
+            matchers = [xgrammar.GrammarMatcher(grammar) for _ in ids]
+            bitmask = xgrammar.allocate_token_bitmask(len(ids), grammar.tokenizer_info.vocab_size)
+        rows = list(range(len(ids)))  # the prompt each batch position holds
+        generated: list[list[int]] = [[] for _ in ids]
+        stopped = [False] * len(ids)
+        step_ids, step_positions = input_ids[:, start:], positions[:, start:]
+        for _ in range(params.max_new_tokens):
+            output = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = output.cache
+            logits = output.logits[:, -1, :].float()
+            if matchers is not None:
+                for position, row in enumerate(rows):
+                    matchers[row].fill_next_token_bitmask(bitmask, position)
+                xgrammar.apply_token_bitmask_inplace(logits, bitmask[: len(rows)].to(logits.device))
+            if params.temperature > 0:
+                tokens = torch.multinomial(torch.softmax(logits / params.temperature, dim=-1), 1)[:, 0]
+            else:
+                tokens = logits.argmax(dim=-1)
+            going = []
+            for position, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                if matchers is not None:
+                    matchers[row].accept_token(token)
+                if token in self.stop_ids or (matchers is not None and matchers[row].is_terminated()):
+                    stopped[row] = True
+                else:
+                    generated[row].append(token)
+                    going.append(position)
+            if not going:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            step_positions = step_positions[:, -1:] + 1
+            if len(going) < len(rows):
+                keep = torch.tensor(going, device=device)
+                cache.batch_select_indices(keep)
+                mask, step_positions, tokens = mask[keep], step_positions[keep], tokens[keep]
+                rows = [rows[position] for position in going]
+            step_ids = tokens[:, None]
+        return [(generated[row], stopped[row]) for row in range(len(ids))]
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         import torch
@@ -121,41 +188,14 @@ class TransformersEngine:
             ids = [
                 self.tokenizer(self._format(prompts[i]), add_special_tokens=not self.chat)["input_ids"] for i in chunk
             ]
-            width = max(len(x) for x in ids)
-            pads = [width - len(x) for x in ids]
-            input_ids = torch.tensor([[self.tokenizer.pad_token_id] * p + x for p, x in zip(pads, ids)])
-            attention_mask = torch.tensor([[0] * p + [1] * len(x) for p, x in zip(pads, ids)])
-            encoded = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
-            options = {
-                "max_new_tokens": params.max_new_tokens,
-                "do_sample": params.temperature > 0,
-                "pad_token_id": self.tokenizer.pad_token_id,
-            }
-            if params.temperature > 0:
-                options["temperature"] = params.temperature
-            else:
-                options.update(temperature=None, top_p=None, top_k=None)  # greedy: no sampling settings
-            if params.json_schema is not None:
-                from xgrammar.contrib.hf import LogitsProcessor
-
-                options["logits_processor"] = [LogitsProcessor(self._grammar(params.json_schema))]
             with torch.inference_mode():
-                shared = min(_common_prefix_length(ids), width - 1)  # every row keeps a token to compute
-                if len(ids) > 1 and self._prefix_fits(shared):
-                    options["cache"] = self._prefix_cache(ids[0][:shared], pads)
-                output = self.model.generate(**encoded, **options)
-            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-            prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
-            for row, index in enumerate(chunk):
-                tokens = new_tokens[row]
-                stop = next((n for n, token in enumerate(tokens) if token in self.stop_ids), None)
-                kept = tokens if stop is None else tokens[:stop]
-                kept = [t for t in kept if t != self.tokenizer.pad_token_id]
+                decoded = self._decode(ids, params)
+            for (tokens, stopped), index, prompt_ids in zip(decoded, chunk, ids):
                 results[index] = Completion(
-                    text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                    prompt_tokens=int(prompt_lengths[row]),
-                    completion_tokens=len(kept),
-                    finish_reason="length" if stop is None else "stop",
+                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=len(tokens),
+                    finish_reason="stop" if stopped else "length",
                 )
         return results  # type: ignore[return-value]
 
