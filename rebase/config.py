@@ -116,7 +116,10 @@ class TransformConfig(StageConfig):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     constrained: bool = Field(True, description="constrain answers to the JSON schema (xgrammar, vLLM, json_schema)")
     judge: bool = Field(False, description="second pass: the teacher says yes/no to each ok example (paper's filter)")
-    batch_size: int = Field(16, ge=1, description="prompts per engine call (one forward pass on transformers)")
+    batch_size: int = Field(32, ge=1, description="transformers engine: prompts decoded together (one forward pass)")
+    prompts_per_call: int = Field(
+        128, ge=1, description="prompts per teacher-actor call; answers are written to disk per call"
+    )
     concurrency: Concurrency | None = Field(
         None, description="(min, max) teacher actors; default (1, GPUs) on GPUs, (1, CPUs / threads) on CPUs"
     )

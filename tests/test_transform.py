@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,21 @@ def test_transform_with_the_builtin_teacher_then_resume(tmp_path):
     with pytest.raises(RebaseError, match="another task, retrieval, teacher or settings"):
         transform(config(retrieved, task_file, out, max_new_tokens=50))
 
+    # The judge pass: a second directory seeded with the same answers sends only the yes/no questions.
+    judged = tmp_path / "judged"
+    judged.mkdir()
+    shutil.copytree(out / "answers", judged / "answers")
+    summary = transform(config(retrieved, task_file, judged, max_new_tokens=320, judge=True))
+    ok_before = [r for r in records(out) if r["status"] == "ok"]
+    assert summary.sent == len(ok_before) and summary.cached == 4
+    assert len(pq.read_table(judged / "judged").to_pylist()) == len(ok_before)
+    after = {r["row_uid"]: r for r in records(judged)}
+    for record in ok_before:
+        assert after[record["row_uid"]]["status"] == "ok" or after[record["row_uid"]]["reason"] in (
+            "the judge said no",
+            "the judge answered neither yes nor no",
+        )
+
 
 @pytest.mark.slow
 def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_file, tmp_path):
@@ -210,7 +226,7 @@ def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_fi
         str(task_file),
         "--out",
         str(out),
-        "--batch-size",
+        "--prompts-per-call",
         "1",
         "--max-new-tokens",
         "64",
@@ -240,19 +256,30 @@ def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_fi
 
 
 @pytest.mark.slow
-def test_prefix_sharing_gives_the_same_greedy_text(teacher_engine):
+def test_continuous_batching_with_a_shared_prefix_gives_plain_generate_text(teacher_engine):
+    """Our decode loop (rows leave and join the batch, shared-prefix cache, left padding) must produce what
+    `generate` produces for each prompt alone, greedy."""
+    import torch
+
     from rebase.teacher.engines import GenerationParams
 
     head = "Rewrite the review in one short sentence. Keep its meaning and its sentiment. " * 4
     prompts = [f"{head}\nReview: {text}\nRewritten:" for text in REVIEWS[:5]]
     params = GenerationParams(max_new_tokens=12)
-    teacher_engine.share_prefix = True
-    shared = teacher_engine.generate(prompts, params)
-    teacher_engine.share_prefix = False
-    plain = teacher_engine.generate(prompts, params)
-    teacher_engine.share_prefix = True
-    assert [c.text for c in shared] == [c.text for c in plain]
-    assert all(c.completion_tokens > 0 for c in shared)
+    teacher_engine.batch_size = 2  # five prompts through two places: rows finish and new ones join
+    try:
+        ours = teacher_engine.generate(prompts + ["The capital of France is"], params)
+    finally:
+        teacher_engine.batch_size = 4
+    tokenizer, model = teacher_engine.tokenizer, teacher_engine.model
+    for completion, prompt in zip(ours, prompts + ["The capital of France is"]):
+        encoded = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            output = model.generate(**encoded, max_new_tokens=12, do_sample=False, top_p=None, top_k=None)
+        new = output[0, encoded["input_ids"].shape[1] :].tolist()
+        stop = next((n for n, token in enumerate(new) if token in teacher_engine.stop_ids), len(new))
+        assert completion.text == tokenizer.decode(new[:stop], skip_special_tokens=True)
+        assert completion.completion_tokens == stop and completion.prompt_tokens == encoded["input_ids"].shape[1]
 
 
 # ------------------------------------------------------------------ the openai engine over real HTTP

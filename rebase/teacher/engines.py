@@ -42,7 +42,7 @@ class Engine(Protocol):
 
 
 class TransformersEngine:
-    """A causal LM through `transformers.generate`, `batch_size` prompts per forward pass."""
+    """A Hugging Face causal LM decoding up to `batch_size` prompts per forward pass (continuous batching)."""
 
     def __init__(self, model_path: str, batch_size: int = 16, threads: int | None = None, share_prefix: bool = True):
         import torch
@@ -61,6 +61,7 @@ class TransformersEngine:
         self.stop_ids.add(self.tokenizer.eos_token_id)
         self.chat = bool(self.tokenizer.chat_template)
         self.batch_size = batch_size
+        self.threads = threads
         self.share_prefix = share_prefix
         self._grammars: dict[str, object] = {}
 
@@ -82,122 +83,213 @@ class TransformersEngine:
         messages = [{"role": "user", "content": prompt}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _prefix_fits(self, length: int) -> bool:
-        """Share a prefix when it is long enough to matter and fits every attention window whole."""
-        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
-        return self.share_prefix and length >= 32 and (window is None or length < window)
-
-    def _prefix_cache(self, prefix: list[int], pads: list[int]):
-        """The KV cache of the prompts' common prefix, computed once and laid out per row behind that row's
-        left padding (row r caches `pads[r]` empty slots, then the first `len(prefix) - pads[r]` prefix
-        tokens; generate recomputes the rest). Prompts of one task share their long head (instruction and
-        examples), so prefill shrinks to the rows themselves: the saving vLLM's prefix caching makes."""
-        import torch
-
-        cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1).cache
-        for layer in cache.layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                heads, dimension = tensor.shape[1], tensor.shape[3]
-                empty = [min(p, len(prefix)) for p in pads]  # a short row may cache padding only
-                rows = [
-                    torch.cat([tensor.new_zeros(1, heads, e, dimension), tensor[:, :, : len(prefix) - e]], 2)
-                    for e in empty
-                ]
-                setattr(layer, name, torch.cat(rows))
-        return cache
-
-    def _decode(self, ids: list[list[int]], params: GenerationParams) -> list[tuple[list[int], bool]]:
-        """(new tokens, stopped) for each prompt of one batch: left-padded prefill (from the shared-prefix cache
-        when the prompts share a head), then one token per step for the rows still going. A row that stops
-        leaves the batch and the cache at once, so the long answers of a few rows do not keep every row's
-        width busy to the end (as `generate` does); greedy unless `params.temperature` > 0. With a schema,
-        each row's xgrammar matcher masks the logits, so the answer can only be JSON of that schema."""
-        import torch
-
-        device = self.device
-        width = max(len(x) for x in ids)
-        pads = [width - len(x) for x in ids]
-        input_ids = torch.tensor([[self.tokenizer.pad_token_id] * p + x for p, x in zip(pads, ids)], device=device)
-        mask = torch.tensor([[0] * p + [1] * len(x) for p, x in zip(pads, ids)], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        shared = min(_common_prefix_length(ids), width - 1)  # every row keeps a token to compute
-        cache, start = None, 0
-        if len(ids) > 1 and self._prefix_fits(shared):
-            cache, start = self._prefix_cache(ids[0][:shared], pads), shared
-        matchers, bitmask = None, None
-        if params.json_schema is not None:
-            import xgrammar
-
-            grammar = self._grammar(params.json_schema)
-            matchers = [xgrammar.GrammarMatcher(grammar) for _ in ids]
-            bitmask = xgrammar.allocate_token_bitmask(len(ids), grammar.tokenizer_info.vocab_size)
-        rows = list(range(len(ids)))  # the prompt each batch position holds
-        generated: list[list[int]] = [[] for _ in ids]
-        stopped = [False] * len(ids)
-        step_ids, step_positions = input_ids[:, start:], positions[:, start:]
-        for _ in range(params.max_new_tokens):
-            output = self.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = output.cache
-            logits = output.logits[:, -1, :].float()
-            if matchers is not None:
-                for position, row in enumerate(rows):
-                    matchers[row].fill_next_token_bitmask(bitmask, position)
-                xgrammar.apply_token_bitmask_inplace(logits, bitmask[: len(rows)].to(logits.device))
-            if params.temperature > 0:
-                tokens = torch.multinomial(torch.softmax(logits / params.temperature, dim=-1), 1)[:, 0]
-            else:
-                tokens = logits.argmax(dim=-1)
-            going = []
-            for position, (row, token) in enumerate(zip(rows, tokens.tolist())):
-                if matchers is not None:
-                    matchers[row].accept_token(token)
-                if token in self.stop_ids or (matchers is not None and matchers[row].is_terminated()):
-                    stopped[row] = True
-                else:
-                    generated[row].append(token)
-                    going.append(position)
-            if not going:
-                break
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            step_positions = step_positions[:, -1:] + 1
-            if len(going) < len(rows):
-                keep = torch.tensor(going, device=device)
-                cache.batch_select_indices(keep)
-                mask, step_positions, tokens = mask[keep], step_positions[keep], tokens[keep]
-                rows = [rows[position] for position in going]
-            step_ids = tokens[:, None]
-        return [(generated[row], stopped[row]) for row in range(len(ids))]
-
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         import torch
 
-        # Similar lengths share a batch, so left padding wastes little.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        results: list[Completion | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            # a chat template already starts with BOS
-            ids = [
-                self.tokenizer(self._format(prompts[i]), add_special_tokens=not self.chat)["input_ids"] for i in chunk
-            ]
-            with torch.inference_mode():
-                decoded = self._decode(ids, params)
-            for (tokens, stopped), index, prompt_ids in zip(decoded, chunk, ids):
-                results[index] = Completion(
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=len(tokens),
-                    finish_reason="stop" if stopped else "length",
-                )
-        return results  # type: ignore[return-value]
+        # a chat template already starts with BOS
+        ids = [self.tokenizer(self._format(p), add_special_tokens=not self.chat)["input_ids"] for p in prompts]
+        with torch.inference_mode():
+            decoded = _ContinuousBatch(self, ids, params).run()
+        return [
+            Completion(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=len(tokens),
+                finish_reason="stop" if stopped else "length",
+            )
+            for (tokens, stopped), prompt_ids in zip(decoded, ids)
+        ]
+
+
+class _ContinuousBatch:
+    """Decodes many prompts with at most `engine.batch_size` rows running at once. A row that stops leaves
+    the batch (and its KV cache rows) at once and waiting prompts are prefilled into the free places, so
+    the batch stays full instead of idling while a few long answers finish (what `generate` does).
+
+    Rows are left-padded to a common cache length; a newly admitted group is prefilled on its own and
+    merged by padding the shorter side's cache on the left (inside sliding windows too: the windowed
+    layers keep the last `window - 1` positions, so padding stays aligned with the attention mask). The
+    prompts of one task share their head (instruction and examples): its KV is computed once and laid
+    out behind each row's padding, so prefill only computes what differs, as vLLM's prefix caching does.
+    Greedy unless `params.temperature` > 0; with a schema, each row's xgrammar matcher masks its logits.
+    """
+
+    def __init__(self, engine: TransformersEngine, ids: list[list[int]], params: GenerationParams):
+        self.engine, self.model, self.ids, self.params = engine, engine.model, ids, params
+        self.device = engine.device
+        self.pad = engine.tokenizer.pad_token_id
+        self.generated: list[list[int]] = [[] for _ in ids]
+        self.stopped = [False] * len(ids)
+        self.matchers = self.bitmask = None
+        if params.json_schema is not None:
+            import xgrammar
+
+            grammar = engine._grammar(params.json_schema)
+            self.matchers = [xgrammar.GrammarMatcher(grammar) for _ in ids]
+            self.batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=engine.threads or "auto")
+            self.bitmask = xgrammar.allocate_token_bitmask(engine.batch_size, grammar.tokenizer_info.vocab_size)
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        shared = min(_common_prefix_length(ids), min(len(x) for x in ids) - 1)  # each row computes a token
+        usable = engine.share_prefix and len(ids) > 1 and shared >= 32 and (window is None or shared < window)
+        self.prefix = ids[0][:shared] if usable else []
+        self._prefix_cache = None
+
+    def run(self) -> list[tuple[list[int], bool]]:
+        import torch
+
+        waiting = list(range(len(self.ids)))[::-1]  # popped from the end: prompt order
+        rows: list[int] = []  # the prompt each batch position holds
+        cache = mask = positions = tokens = None
+        while waiting or rows:
+            free = self.engine.batch_size - len(rows)
+            # Admit as soon as a place is free: prefill costs the same per token in small groups or large.
+            if waiting and free:
+                group = [waiting.pop() for _ in range(min(free, len(waiting)))]
+                group_cache, group_mask, group_positions, logits = self._prefill(group)
+                group_tokens, going = self._choose(logits, group)
+                keep = torch.tensor(going, device=self.device, dtype=torch.long)
+                group_cache.batch_select_indices(keep)
+                group = [group[n] for n in going]
+                group_mask, group_positions, group_tokens = group_mask[keep], group_positions[keep], group_tokens[keep]
+                if group and rows:
+                    cache, mask = _merge(cache, mask, group_cache, group_mask)
+                    positions = torch.cat([positions, group_positions])
+                    tokens = torch.cat([tokens, group_tokens])
+                elif group:
+                    cache, mask, positions, tokens = group_cache, group_mask, group_positions, group_tokens
+                rows = rows + group
+                if not rows:
+                    continue
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions + 1
+            output = self.model(
+                input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+            )
+            cache = output.cache
+            tokens, going = self._choose(output.logits[:, -1, :], rows)
+            if len(going) < len(rows):
+                keep = torch.tensor(going, device=self.device, dtype=torch.long)
+                cache.batch_select_indices(keep)
+                mask, positions, tokens = mask[keep], positions[keep], tokens[keep]
+                rows = [rows[n] for n in going]
+                if rows:
+                    cache, mask = _trim(cache, mask)
+        return list(zip(self.generated, self.stopped))
+
+    def _prefill(self, group: list[int]):
+        """Cache, mask, last positions and next-token logits of a group of new prompts, left-padded."""
+        import torch
+
+        ids = [self.ids[n] for n in group]
+        width = max(len(x) for x in ids)
+        pads = [width - len(x) for x in ids]
+        input_ids = torch.tensor([[self.pad] * p + x for p, x in zip(pads, ids)], device=self.device)
+        mask = torch.tensor([[0] * p + [1] * len(x) for p, x in zip(pads, ids)], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, start = None, 0
+        if self.prefix:
+            cache, start = self._laid_out_prefix(pads), len(self.prefix)
+        output = self.model(
+            input_ids=input_ids[:, start:],
+            attention_mask=mask,
+            position_ids=positions[:, start:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.cache, mask, positions[:, -1:], output.logits[:, -1, :]
+
+    def _laid_out_prefix(self, pads: list[int]):
+        """The shared prefix's cache for rows padded by `pads`: row r holds min(pad, L) empty places, then
+        the first L - pad prefix positions (the rest of its prefix is computed with its own tokens)."""
+        import copy
+
+        import torch
+
+        if self._prefix_cache is None:
+            prefix = torch.tensor([self.prefix], device=self.device)
+            self._prefix_cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+        cache = copy.deepcopy(self._prefix_cache)
+        length = len(self.prefix)
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                empty = [min(p, length) for p in pads]
+                parts = [torch.cat([_zeros(tensor, e), tensor[:, :, : length - e]], 2) for e in empty]
+                setattr(layer, name, torch.cat(parts))
+        return cache
+
+    def _choose(self, logits, rows: list[int]):
+        """Next tokens for the batch positions holding `rows`; records them; the positions still going."""
+        import torch
+
+        logits = logits.float()
+        if self.matchers is not None:
+            import xgrammar
+
+            self.batch_matcher.batch_fill_next_token_bitmask([self.matchers[row] for row in rows], self.bitmask)
+            xgrammar.apply_token_bitmask_inplace(logits, self.bitmask[: len(rows)].to(logits.device))
+        if self.params.temperature > 0:
+            tokens = torch.multinomial(torch.softmax(logits / self.params.temperature, dim=-1), 1)[:, 0]
+        else:
+            tokens = logits.argmax(dim=-1)
+        going = []
+        for position, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            if self.matchers is not None:
+                self.matchers[row].accept_token(token)
+            if token in self.engine.stop_ids or (self.matchers is not None and self.matchers[row].is_terminated()):
+                self.stopped[row] = True
+                continue
+            self.generated[row].append(token)
+            if len(self.generated[row]) < self.params.max_new_tokens:
+                going.append(position)
+        return tokens, going
+
+
+def _zeros(tensor, length: int):
+    return tensor.new_zeros(tensor.shape[0], tensor.shape[1], length, tensor.shape[3])
+
+
+def _pad_left(tensor, length: int):
+    """A (batch, heads, positions, dim) cache tensor padded on the left to `length` positions."""
+    import torch
+
+    missing = length - tensor.shape[2]
+    return tensor if missing <= 0 else torch.cat([_zeros(tensor, missing), tensor], 2)
+
+
+def _trim(cache, mask, slack: int = 32):
+    """Drop the leading positions that are padding for every row (they pile up as rows come and go)."""
+    first = int(mask.any(dim=0).nonzero()[0])
+    if first < slack:
+        return cache, mask
+    total = mask.shape[1] - first
+    for layer in cache.layers:
+        window = getattr(layer, "sliding_window", None)
+        keep = min(total, window - 1) if window else total
+        for name in ("keys", "values"):
+            setattr(layer, name, getattr(layer, name)[:, :, -keep:])
+        if window:
+            layer.cumulative_length = total
+    return cache, mask[:, first:]
+
+
+def _merge(cache, mask, other, other_mask):
+    """One batch from two: caches and masks padded on the left to the longer, then stacked."""
+    import torch
+
+    total = max(mask.shape[1], other_mask.shape[1])
+    for layer, extra in zip(cache.layers, other.layers):
+        # Sliding-window layers keep at most `window - 1` positions; full layers keep them all.
+        window = getattr(layer, "sliding_window", None)
+        length = min(total, window - 1) if window else total
+        for name in ("keys", "values"):
+            merged = torch.cat([_pad_left(getattr(layer, name), length), _pad_left(getattr(extra, name), length)])
+            setattr(layer, name, merged)
+        if window:
+            layer.cumulative_length = total
+    masks = [torch.cat([m.new_zeros(m.shape[0], total - m.shape[1]), m], 1) for m in (mask, other_mask)]
+    return cache, torch.cat(masks)
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:

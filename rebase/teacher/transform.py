@@ -324,9 +324,9 @@ class _TeacherPool:
     def _run(self, pending: list[str], prompts: dict[str, str], params: GenerationParams):
         import ray
 
-        size = self.config.batch_size
+        size = self.config.prompts_per_call
         items = [{"prompt_hash": h, "prompt": prompts[h]} for h in pending]
-        # One Ray block per engine batch, so the pool has work to scale against and answers stream back.
+        # One Ray block per actor call, so the pool has work to scale against and answers stream back.
         dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / size)))
         dataset = dataset.map_batches(
             TeacherActor,
