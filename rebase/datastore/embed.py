@@ -123,7 +123,8 @@ def embed_blocks(
     gathered: dict[str, list[pa.RecordBatch]] = {}
     counts: dict[str, int] = {}
     embedded = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # prefetch_batches=0: a block is written as soon as it is embedded (prefetching holds one back)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         paths = batch.column("path").to_pylist()
         for key in dict.fromkeys(paths):
             mask = pa.array([p == key for p in paths])

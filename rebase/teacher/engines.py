@@ -47,7 +47,9 @@ class TransformersEngine:
     def __init__(self, model_path: str, batch_size: int = 16, threads: int | None = None, share_prefix: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a weights bar per actor start only clutters job logs
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
