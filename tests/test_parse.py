@@ -83,3 +83,43 @@ def test_judge_verdicts():
     assert judge_verdict("no") is False
     assert judge_verdict("It depends") is None
     assert judge_verdict("") is None
+
+
+def test_near_copies_of_a_few_shot_example_are_rejected():
+    task = TaskSpec(
+        name="navigate",
+        instruction="Back at the start?",
+        examples=[
+            {
+                "input": "Take 1 step forward. Take 10 steps left. Take 4 steps forward.",
+                "output": "Take 1 step forward: (0, 1). Take 10 steps left: (-10, 1). Take 4 steps forward: "
+                "(-10, 5). Since (-10, 5) is not (0, 0), we are not where we started. So the answer is No.",
+            }
+        ],
+        labels=["Yes", "No"],
+    )
+    copied_reasoning = (
+        "Take 1 step forward: (0, 1). Take 10 steps left: (-10, 1). Take 4 steps forward: (-10, 5). "
+        "Since (-10, 5) is (0, 0), we are not where we started."
+    )
+    records = check_records(
+        task,
+        [
+            answer("r1", f'{{"input": "Go two steps north.", "reasoning": "{copied_reasoning}", "output": "Yes"}}'),
+            answer(
+                "r2",
+                '{"input": "Take 1 step forward. Take 10 steps left! Take 4 steps forward", '
+                '"reasoning": "We move around.", "output": "No"}',
+            ),
+            answer(
+                "r3",
+                '{"input": "Go two steps north, then two south.", "reasoning": "North 2: (0, 2). South 2: '
+                '(0, 0). Since (0, 0) is (0, 0), we are back.", "output": "Yes"}',
+            ),
+        ],
+    )
+    assert [(r["status"], r["reason"]) for r in records] == [
+        ("rejected", "copies the reasoning of few-shot example 1"),
+        ("rejected", "copies few-shot example 1"),
+        ("ok", None),
+    ]

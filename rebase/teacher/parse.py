@@ -1,14 +1,15 @@
 """Teacher answers -> records: parse leniently, validate strictly, keep every record with its status.
 
 Statuses (DESIGN.md): `ok` (used for training), `parse_error` (no usable JSON object), `rejected` (an
-empty field, an answer outside the task's labels, a copy of a few-shot example, a "no" from the judge),
-`duplicate` (the same input as an earlier record, ignoring case, spacing and punctuation), and `failed`
-(a request the engine could not answer, such as an endpoint that kept failing; it is not cached, so a
-re-run sends it again).
+empty field, an answer outside the task's labels, an input or reasoning that copies a few-shot example
+with at most small edits, a "no" from the judge), `duplicate` (the same input as an earlier record,
+ignoring case, spacing and punctuation), and `failed` (a request the engine could not answer, such as
+an endpoint that kept failing; it is not cached, so a re-run sends it again).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 
@@ -63,7 +64,7 @@ def check_records(task: TaskSpec, answers: list[dict]) -> list[dict]:
     """Validate answers in order (best-ranked first). Each answer has `row_uid` and `text` (or `error`);
     each record gets `input`, `output`, `reasoning`, `answer`, `status` and `reason`."""
     fields = ("input", "reasoning", "output") if task.reasons else ("input", "output")
-    example_inputs = {normalise(example.input): number for number, example in enumerate(task.examples, 1)}
+    examples = [(normalise(e.input), normalise(training_reasoning(task, e.output))) for e in task.examples]
     seen: dict[str, str] = {}  # normalised input -> the row whose record first had it
     records = []
     for answer in answers:
@@ -89,8 +90,9 @@ def check_records(task: TaskSpec, answers: list[dict]) -> list[dict]:
             parsed["output"] = label
         output, reasoning = training_output(task, parsed)
         key = normalise(parsed["input"])
-        if status == "ok" and key in example_inputs:
-            status, reason = "rejected", f"copies few-shot example {example_inputs[key]}"
+        copied = _copied_example(examples, key, normalise(reasoning or ""))
+        if status == "ok" and copied:
+            status, reason = "rejected", copied
         elif status == "ok" and key in seen:
             status, reason = "duplicate", f"same input as row {seen[key]}"
         if status == "ok":
@@ -108,6 +110,31 @@ def check_records(task: TaskSpec, answers: list[dict]) -> list[dict]:
             }
         )
     return records
+
+
+def training_reasoning(task: TaskSpec, output: str) -> str:
+    """The reasoning part of an example output (empty for tasks without chain of thought)."""
+    return split_rationale(output)[0] if task.reasons else ""
+
+
+def _copied_example(examples: list[tuple[str, str]], text: str, reasoning: str) -> str | None:
+    """Why a record copies a few-shot example, or None: its input, or its reasoning, is the example's
+    with at most small edits (90% alike, so "is not (0, 0)" -> "is (0, 0)" still counts as a copy)."""
+    for number, (example_input, example_reasoning) in enumerate(examples, 1):
+        if _alike(text, example_input):
+            return f"copies few-shot example {number}"
+        if reasoning and example_reasoning and _alike(reasoning, example_reasoning):
+            return f"copies the reasoning of few-shot example {number}"
+    return None
+
+
+def _alike(first: str, second: str, threshold: float = 0.9) -> bool:
+    if first == second:
+        return True
+    matcher = difflib.SequenceMatcher(None, first, second, autojunk=False)
+    return (
+        matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold and matcher.ratio() >= threshold
+    )
 
 
 def judge_verdict(text: str) -> bool | None:

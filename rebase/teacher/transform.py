@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rebase.config import TransformConfig
@@ -83,12 +82,12 @@ class TransformSummary:
         order = ["ok", "rejected", "duplicate", "parse_error", "failed"]
         statuses = ", ".join(f"{self.statuses[s]} {s}" for s in order if self.statuses.get(s))
         reasons = "; ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items(), key=lambda i: -i[1]))
-        rate = self.sent / self.generation_seconds if self.generation_seconds else 0.0
+        rate = f", {self.sent / self.generation_seconds:.2f} examples/s" if self.generation_seconds else ""
         return (
             f"transformed {self.rows} rows: {statuses}{f' ({reasons})' if reasons else ''}; "
             f"{self.sent} sent, {self.cached} answered before; "
-            f"tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out; {self.seconds:.0f} s, "
-            f"{rate:.2f} examples/s -> {self.out}"
+            f"tokens {self.prompt_tokens:,} in / {self.completion_tokens:,} out; {self.seconds:.0f} s{rate} "
+            f"-> {self.out}"
         )
 
 
@@ -232,6 +231,8 @@ def _reason_kind(reason: str) -> str:
         return "same input as an earlier row"
     if reason.startswith("copies few-shot example"):
         return "copies a few-shot example"
+    if reason.startswith("copies the reasoning of"):
+        return "copies a few-shot example's reasoning"
     return reason
 
 
@@ -298,8 +299,7 @@ class _TeacherPool:
         """Answers for every prompt hash (cached, new, or failed with `error`) and this run's counts."""
         answers = _read_answers(cache)
         pending = [h for h in prompts if h not in answers]
-        run = {"sent": len(pending), "cached": len(prompts) - len(pending), "prompt_tokens": 0}
-        run.update(completion_tokens=0, seconds=0.0)
+        run = {"sent": len(pending), "cached": len(prompts) - len(pending), "seconds": 0.0}
         failed: dict[str, dict] = {}
         if pending:
             print(
@@ -322,12 +322,14 @@ class _TeacherPool:
                     for h, error in zip(batch.column("prompt_hash").to_pylist(), errors):
                         if error is not None:
                             failed[h] = {"error": error}
-                    run["prompt_tokens"] += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
-                    run["completion_tokens"] += int(pc.sum(batch.column("completion_tokens")).as_py() or 0)
                     bar.update(batch.num_rows)
             run["seconds"] = time.monotonic() - started
         lost = {"error": "no answer came back from the teacher"}  # kept as failed; a re-run sends it again
-        return {h: answers.get(h) or failed.get(h, lost) for h in prompts}, run
+        result = {h: answers.get(h) or failed.get(h, lost) for h in prompts}
+        # Tokens count every answer the records use, those of earlier runs included.
+        run["prompt_tokens"] = sum(a.get("prompt_tokens") or 0 for a in result.values())
+        run["completion_tokens"] = sum(a.get("completion_tokens") or 0 for a in result.values())
+        return result, run
 
     def _run(self, pending: list[str], prompts: dict[str, str], params: GenerationParams):
         import ray
