@@ -62,8 +62,9 @@ Config = TypeVar("Config", bound=BaseModel)
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    return f"field '{field}': {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    field = ".".join(str(part) for part in first["loc"])
+    return f"field '{field}': {message}" if field else message
 
 
 def build_config(model: type[Config], values: dict, origin: str = "command line") -> Config:

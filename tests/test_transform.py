@@ -128,7 +128,7 @@ def test_bad_inputs_are_one_line_errors(retrieved, task_file, tmp_path):
     with pytest.raises(RebaseError, match="not a rebase transform"):
         transform(config(retrieved, task_file, foreign))
     assert (foreign / "notes.txt").read_text() == "mine"
-    with pytest.raises(RebaseError, match="engine openai needs base_url"):
+    with pytest.raises(RebaseError, match="^command line: engine openai needs base_url"):
         config(retrieved, task_file, tmp_path / "out", engine="openai")
     with pytest.raises(RebaseError, match="field 'concurrency'"):
         config(retrieved, task_file, tmp_path / "out", concurrency=(2, 1))
@@ -387,6 +387,7 @@ def test_openai_engine_refuses_a_bad_key_before_any_work(retrieved, task_file, t
                 )
             )
         assert server.requests == 1
+        assert not (tmp_path / "out").exists()  # a refused run leaves nothing behind
     with pytest.raises(RebaseError, match="cannot reach the OpenAI-compatible endpoint"):
         transform(
             config(

@@ -147,6 +147,7 @@ def transform(config: TransformConfig) -> TransformSummary:
         "generation_seconds": round(run["seconds"], 2),
         "seconds": round(time.monotonic() - started, 2),
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "_SUCCESS").unlink(missing_ok=True)
     write_parquet_atomic(out / "records.parquet", pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
     write_json_atomic(out / "stats.json", stats)
@@ -200,8 +201,7 @@ def _check_out(out: Path, fingerprint: str) -> None:
     if out.exists() and not out.is_dir():
         raise RebaseError(f"--out {out} is a file; choose a directory")
     if not out.exists():
-        out.mkdir(parents=True)
-        return
+        return  # created when the first answers are written, so a refused run leaves nothing behind
     names = {path.name for path in out.iterdir()}
     if names - _OWN_FILES:
         raise RebaseError(f"--out {out} holds files that are not a rebase transform; choose another")
