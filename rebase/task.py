@@ -134,3 +134,17 @@ def match_label(answer: str, labels: list[str]) -> str | None:
         if re.sub(r"[\W_]+", " ", label).strip().lower() == key:
             return label
     return None
+
+
+STUDENT_TEMPLATE = "### Instruction:\n{instruction}\n\n{examples}### Input:\n{input}\n\n### Response:\n"
+
+
+def student_prompt(task: TaskSpec, text: str, few_shot: bool = False) -> str:
+    """The one prompt format the student is trained on, evaluated with and served behind (Alpaca-style,
+    as in the paper): the task's instruction, optionally its few-shot examples, then the input. The
+    response follows the prompt directly; training puts the loss on the response tokens only."""
+    examples = ""
+    if few_shot:
+        shown = "\n\n".join(f"Input: {e.input}\nResponse: {e.output}" for e in task.examples)
+        examples = f"### Examples:\n{shown}\n\n"
+    return STUDENT_TEMPLATE.format(instruction=task.instruction, examples=examples, input=text.strip())
