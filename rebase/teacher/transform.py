@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,6 @@ class TransformSummary:
     completion_tokens: int
     seconds: float
     generation_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def line(self) -> str:
         order = ["ok", "rejected", "duplicate", "parse_error", "failed"]
