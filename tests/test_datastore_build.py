@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when
 
 from rebase.config import DatastoreConfig
 from rebase.datastore import build_datastore, datastore_info, read_manifest
@@ -164,16 +162,8 @@ def test_interrupted_build_resumes_without_reembedding_finished_blocks(tmp_path)
     command = _build_command(
         out, f"files:{data}/big.jsonl", extra=["--block-rows", "100", "--rows-per-dataset", "3000"]
     )
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     values_dir = out / "values"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if len(list(values_dir.rglob("block-*.parquet"))) >= 5:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the build finished before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(command, lambda: len(list(values_dir.rglob("block-*.parquet"))) >= 5, "build")
     finished_blocks = {p.name: p.stat().st_mtime_ns for p in values_dir.rglob("block-*.parquet")}
     assert 5 <= len(finished_blocks) < 60
 

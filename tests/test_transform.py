@@ -4,18 +4,16 @@ a real HTTP server on loopback (tests/openai_server.py)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from processes import kill_when
 
 from rebase.config import TransformConfig, build_config
 from rebase.errors import RebaseError
@@ -265,16 +263,8 @@ def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_fi
         "--max-new-tokens",
         "64",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     answers = out / "answers"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if len(list(answers.glob("part-*.parquet"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the transform finished before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(command, lambda: len(list(answers.glob("part-*.parquet"))) >= 2, "transform")
     kept = {p.name: p.stat().st_mtime_ns for p in answers.glob("part-*.parquet")}
     answered = sum(pq.read_metadata(answers / name).num_rows for name in kept)
     assert 2 <= answered < len(REVIEWS)
