@@ -1,6 +1,6 @@
 """Teacher engines behind one interface: a batch of prompts in, completions out.
 
-- `transformers`: the CPU default and a GPU fallback; batched generation with left padding, JSON output
+- `transformers`: the CPU default and a GPU fallback; continuous batching in our own loop, JSON output
   constrained by xgrammar (the grammar library vLLM uses) compiled from the answer's JSON schema.
 - `vllm`: GPU clusters; vLLM's offline `LLM` inside our Ray actor, guided decoding through
   `StructuredOutputsParams(json=...)`, prefix caching (every prompt of a task shares its long head).
@@ -213,10 +213,10 @@ class _ContinuousBatch:
             self._prefix_cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
         cache = copy.deepcopy(self._prefix_cache)
         length = len(self.prefix)
+        empty = [min(p, length) for p in pads]
         for layer in cache.layers:
             for name in ("keys", "values"):
                 tensor = getattr(layer, name)
-                empty = [min(p, length) for p in pads]
                 parts = [torch.cat([_zeros(tensor, e), tensor[:, :, : length - e]], 2) for e in empty]
                 setattr(layer, name, torch.cat(parts))
         return cache
@@ -260,6 +260,16 @@ def _pad_left(tensor, length: int):
     return tensor if missing <= 0 else torch.cat([_zeros(tensor, missing), tensor], 2)
 
 
+def _kept_positions(layer, total: int) -> int:
+    """How many positions a cache layer holds once the sequence is `total` long, recorded on the layer:
+    sliding-window layers keep at most `window - 1` (and count every position seen), full layers all."""
+    window = getattr(layer, "sliding_window", None)
+    if not window:
+        return total
+    layer.cumulative_length = total
+    return min(total, window - 1)
+
+
 def _trim(cache, mask, slack: int = 32):
     """Drop the leading positions that are padding for every row (they pile up as rows come and go)."""
     first = int(mask.any(dim=0).nonzero()[0])
@@ -267,12 +277,9 @@ def _trim(cache, mask, slack: int = 32):
         return cache, mask
     total = mask.shape[1] - first
     for layer in cache.layers:
-        window = getattr(layer, "sliding_window", None)
-        keep = min(total, window - 1) if window else total
+        keep = _kept_positions(layer, total)
         for name in ("keys", "values"):
             setattr(layer, name, getattr(layer, name)[:, :, -keep:])
-        if window:
-            layer.cumulative_length = total
     return cache, mask[:, first:]
 
 
@@ -282,14 +289,10 @@ def _merge(cache, mask, other, other_mask):
 
     total = max(mask.shape[1], other_mask.shape[1])
     for layer, extra in zip(cache.layers, other.layers):
-        # Sliding-window layers keep at most `window - 1` positions; full layers keep them all.
-        window = getattr(layer, "sliding_window", None)
-        length = min(total, window - 1) if window else total
+        length = _kept_positions(layer, total)
         for name in ("keys", "values"):
             merged = torch.cat([_pad_left(getattr(layer, name), length), _pad_left(getattr(extra, name), length)])
             setattr(layer, name, merged)
-        if window:
-            layer.cumulative_length = total
     masks = [torch.cat([m.new_zeros(m.shape[0], total - m.shape[1]), m], 1) for m in (mask, other_mask)]
     return cache, torch.cat(masks)
 
