@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rebase.config import StageConfig, load_config
 
@@ -34,18 +34,12 @@ class PromptTemplates(BaseModel):
     transform: str | None = Field(None, description="slots: {instruction} {examples} {row} {format}; {row} required")
     judge: str | None = Field(None, description="slots: {instruction} {examples} {example}; {example} required")
 
-    @field_validator("transform")
+    @field_validator("transform", "judge")
     @classmethod
-    def _transform_has_row(cls, value: str | None) -> str | None:
-        if value is not None and "{row}" not in value:
-            raise ValueError("the transform template must contain {row}")
-        return value
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_has_example(cls, value: str | None) -> str | None:
-        if value is not None and "{example}" not in value:
-            raise ValueError("the judge template must contain {example}")
+    def _has_required_slot(cls, value: str | None, info: ValidationInfo) -> str | None:
+        slot = {"transform": "{row}", "judge": "{example}"}[info.field_name]
+        if value is not None and slot not in value:
+            raise ValueError(f"the {info.field_name} template must contain {slot}")
         return value
 
 
@@ -127,13 +121,15 @@ def final_answer(text: str) -> str:
     return answer if answer is not None else reasoning
 
 
+def normalise(text: str) -> str:
+    """Text as compared for labels, copies and duplicates: lower case, letters and digits, single spaces."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
 def match_label(answer: str, labels: list[str]) -> str | None:
-    """The label an answer names, ignoring case, surrounding spaces and punctuation; None if none does."""
-    key = re.sub(r"[\W_]+", " ", answer).strip().lower()
-    for label in labels:
-        if re.sub(r"[\W_]+", " ", label).strip().lower() == key:
-            return label
-    return None
+    """The label an answer names, ignoring case, spacing and punctuation; None if none does."""
+    key = normalise(answer)
+    return next((label for label in labels if normalise(label) == key), None)
 
 
 STUDENT_TEMPLATE = "### Instruction:\n{instruction}\n\n{examples}### Input:\n{input}\n\n### Response:\n"

@@ -13,7 +13,7 @@ import difflib
 import json
 import re
 
-from rebase.task import TaskSpec, match_label, split_rationale
+from rebase.task import TaskSpec, match_label, normalise, split_rationale
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 
@@ -45,11 +45,6 @@ def parse_completion(text: str, fields: tuple[str, ...]) -> tuple[dict | None, s
                 record[field] = "" if item is None else str(item).strip() if isinstance(item, str) else json.dumps(item)
             return record, None
     return None, error
-
-
-def normalise(text: str) -> str:
-    """Text compared for copies and duplicates: lower case, letters and digits only, single spaces."""
-    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
 
 
 def training_output(task: TaskSpec, parsed: dict) -> tuple[str, str | None]:
