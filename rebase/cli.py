@@ -77,6 +77,44 @@ def _parser() -> argparse.ArgumentParser:
         "--unconstrained", dest="constrained", action="store_false", default=None, help="no constrained decoding"
     )
 
+    train = commands.add_parser("train", help="Ray Train + DeepSpeed fine-tune the student on the teacher's examples")
+    train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields; flags override it")
+    train.add_argument("--data", type=Path, help="transformed directory, or a jsonl/parquet/csv of input,output")
+    train.add_argument("--task", type=Path, help="task YAML file")
+    train.add_argument("--out", type=Path, help="student directory (created, or resumed)")
+    train.add_argument("--student", help="builtin:gemma3-270m (default), a model directory or an HF id")
+    train.add_argument("--full", action="store_true", default=None, help="fine-tune every weight, not LoRA")
+    train.add_argument("--lora-rank", type=int, dest="lora_rank")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int, dest="max_steps", help="stop after N optimizer steps")
+    train.add_argument("--learning-rate", type=float, dest="learning_rate")
+    train.add_argument("--batch-size", type=int, dest="batch_size", help="examples per worker per step")
+    train.add_argument("--gradient-accumulation", type=int, dest="gradient_accumulation")
+    train.add_argument("--max-length", type=int, dest="max_length", help="tokens per example")
+    train.add_argument("--few-shot", action="store_true", default=None, dest="few_shot")
+    train.add_argument("--zero-stage", type=int, dest="zero_stage", help="DeepSpeed ZeRO stage 0-3")
+    train.add_argument("--workers", type=int, help="Ray Train workers")
+    train.add_argument("--device", choices=["auto", "cpu", "gpu"])
+    train.add_argument("--threads", type=int, help="torch threads per CPU worker")
+    train.add_argument("--storage-path", dest="storage_path", help="checkpoints: a directory or a cloud URI")
+    train.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="steps (default: per epoch)")
+
+    evaluate = commands.add_parser("evaluate", help="score a model on held-out data, optionally beside another")
+    evaluate.add_argument("--config", type=Path, help="YAML file of EvaluateConfig fields; flags override it")
+    evaluate.add_argument("--model", help="student directory, built-in, HF id, or served name (engine openai)")
+    evaluate.add_argument("--task", type=Path, help="task YAML file")
+    evaluate.add_argument("--data", help="held-out data SPEC (default: the task file's eval)")
+    evaluate.add_argument("--out", type=Path, help="evaluation directory (created, or resumed)")
+    evaluate.add_argument("--compare", help="a second model; 'base' is the student's base model")
+    evaluate.add_argument("--limit", type=int, help="a fixed sample of N examples")
+    evaluate.add_argument("--few-shot", action="store_true", default=None, dest="few_shot")
+    evaluate.add_argument("--engine", choices=["transformers", "vllm", "openai"])
+    evaluate.add_argument("--base-url", dest="base_url", help="engine openai: the endpoint's /v1 URL")
+    evaluate.add_argument("--batch-size", type=int, dest="batch_size", help="prompts decoded together")
+    evaluate.add_argument("--concurrency", type=_concurrency, metavar="MIN,MAX", help="generation actors")
+    evaluate.add_argument("--threads", type=int, help="torch threads per CPU actor")
+    evaluate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+
     info = datastore_commands.add_parser("info", help="describe a datastore")
     info.add_argument("directory", type=Path)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -111,6 +149,25 @@ def _transform(args: argparse.Namespace) -> int:
     from rebase.teacher import transform
 
     summary = transform(_stage_config(TransformConfig, args, "--retrieved DIR, --task TASK.yaml and --out DIR"))
+    print(summary.line())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rebase.config import TrainConfig
+    from rebase.train import train
+
+    summary = train(_stage_config(TrainConfig, args, "--data DIR_OR_FILE, --task TASK.yaml and --out DIR"))
+    print(summary.line())
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rebase.config import EvaluateConfig
+    from rebase.evaluate import evaluate
+
+    summary = evaluate(_stage_config(EvaluateConfig, args, "--model MODEL, --task TASK.yaml and --out DIR"))
+    print(summary.table())
     print(summary.line())
     return 0
 
@@ -173,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         ("datastore", "info"): _datastore_info,
         ("retrieve", None): _retrieve,
         ("transform", None): _transform,
+        ("train", None): _train,
+        ("evaluate", None): _evaluate,
     }
     try:
         return handlers[(args.command, getattr(args, "datastore_command", None))](args)

@@ -99,30 +99,17 @@ def load_config(model: type[Config], path: Path, overrides: dict | None = None) 
 Engine = Literal["transformers", "vllm", "openai"]
 
 
-class TransformConfig(StageConfig):
-    """`rebase transform`: which teacher, on which engine, how many at once, how strict."""
+class GenerationConfig(StageConfig):
+    """How a stage generates text (the teacher in `transform`, the student in `evaluate`): which engine,
+    how many prompts at once, how many actors, and for an endpoint how to reach it."""
 
-    retrieved: Path
-    task: Path
-    out: Path
-    teacher: str = Field(
-        "builtin:gemma3-270m",
-        description="a built-in, a local model directory, an HF id, or the "
-        "model name the OpenAI-compatible endpoint serves",
-    )
     engine: Engine = "transformers"
-    limit: int | None = Field(None, ge=1, description="transform only the best-ranked N rows (a cheap trial)")
-    max_value_chars: int = Field(250, ge=16, description="row values are truncated to this in the prompt (paper)")
-    max_new_tokens: int = Field(512, ge=8)
+    max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    constrained: bool = Field(True, description="constrain answers to the JSON schema (xgrammar, vLLM, json_schema)")
-    judge: bool = Field(False, description="second pass: the teacher says yes/no to each ok example (paper's filter)")
     batch_size: int = Field(32, ge=1, description="transformers engine: prompts decoded together (one forward pass)")
-    prompts_per_call: int = Field(
-        128, ge=1, description="prompts per teacher-actor call; answers are written to disk per call"
-    )
+    prompts_per_call: int = Field(128, ge=1, description="prompts per actor call; answers are written to disk per call")
     concurrency: Concurrency | None = Field(
-        None, description="(min, max) teacher actors; default (1, GPUs) on GPUs, (1, CPUs / threads) on CPUs"
+        None, description="(min, max) generation actors; default (1, GPUs) on GPUs, (1, CPUs / threads) on CPUs"
     )
     threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default all cores")
     base_url: str | None = Field(None, description="engine openai: the endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -134,7 +121,69 @@ class TransformConfig(StageConfig):
     max_model_len: int | None = Field(None, ge=64, description="engine vllm")
 
     @model_validator(mode="after")
-    def _endpoint_for_openai(self) -> TransformConfig:
+    def _endpoint_for_openai(self) -> GenerationConfig:
         if self.engine == "openai" and not self.base_url:
             raise ValueError("engine openai needs base_url (the endpoint, e.g. http://127.0.0.1:8000/v1)")
         return self
+
+
+class TransformConfig(GenerationConfig):
+    """`rebase transform`: which teacher, on which engine, how many at once, how strict."""
+
+    retrieved: Path
+    task: Path
+    out: Path
+    teacher: str = Field(
+        "builtin:gemma3-270m",
+        description="a built-in, a local model directory, an HF id, or the "
+        "model name the OpenAI-compatible endpoint serves",
+    )
+    limit: int | None = Field(None, ge=1, description="transform only the best-ranked N rows (a cheap trial)")
+    max_value_chars: int = Field(250, ge=16, description="row values are truncated to this in the prompt (paper)")
+    max_new_tokens: int = Field(512, ge=8)
+    constrained: bool = Field(True, description="constrain answers to the JSON schema (xgrammar, vLLM, json_schema)")
+    judge: bool = Field(False, description="second pass: the teacher says yes/no to each ok example (paper's filter)")
+
+
+class TrainConfig(StageConfig):
+    """`rebase train`: the student, LoRA or full fine-tuning, DeepSpeed ZeRO, Ray Train workers, checkpoints."""
+
+    data: Path = Field(description="a transformed directory (its ok records) or a jsonl/parquet/csv of input, output")
+    task: Path
+    out: Path = Field(description="the student directory: the merged model, model card, stats, checkpoints/")
+    student: str = Field("builtin:gemma3-270m", description="a built-in, a local model directory or an HF id")
+    full: bool = Field(False, description="fine-tune every weight instead of LoRA adapters")
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (a trial)")
+    learning_rate: float | None = Field(None, gt=0, description="default 2e-4 with LoRA, 2e-5 for full fine-tuning")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(8, ge=1, description="examples per worker per forward pass (micro-batch)")
+    gradient_accumulation: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16, description="tokens per example; longer responses are cut and counted")
+    few_shot: bool = Field(False, description="put the task's examples in every prompt (then also when evaluating)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: a GPU per worker if the cluster has GPUs")
+    threads: int | None = Field(None, ge=1, description="torch threads per CPU worker; default CPUs / workers")
+    storage_path: str | None = Field(None, description="checkpoints: a directory or cloud URI (OUT/checkpoints)")
+    checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
+    seed: int = 0
+
+
+class EvaluateConfig(GenerationConfig):
+    """`rebase evaluate`: a model's answers on held-out data, scored; optionally beside another model's."""
+
+    model: str = Field(description="a student directory, a built-in, an HF id, or the served name (engine openai)")
+    task: Path
+    data: str | None = Field(None, description="held-out data as a datastore SPEC; default the task file's eval")
+    out: Path
+    compare: str | None = Field(None, description="a second model scored on the same data ('base': the student's base)")
+    limit: int | None = Field(None, ge=1, description="score a fixed sample of N examples")
+    few_shot: bool | None = Field(None, description="the task's examples in each prompt (default: as trained)")
+    max_new_tokens: int = Field(256, ge=1)

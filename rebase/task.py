@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rebase.config import StageConfig, load_config
 
@@ -52,6 +52,9 @@ class TaskSpec(StageConfig):
     labels: list[str] | None = Field(None, min_length=1)
     ban: list[str] = Field(default_factory=list, description="dataset ids (or id prefixes) never retrieved")
     eval: str | None = Field(None, description="held-out data for `rebase evaluate`, a datastore SPEC")
+    eval_answers: dict[str, str] = Field(
+        default_factory=dict, description="the eval source's answers as the task's labels, e.g. {True: 'Yes'}"
+    )
     chain_of_thought: bool | None = Field(
         None, description="outputs carry reasoning ending in 'the answer is X'; default: true when every example does"
     )
@@ -77,6 +80,13 @@ class TaskSpec(StageConfig):
         if value is not None and (any(not label.strip() for label in value) or len(set(value)) != len(value)):
             raise ValueError("labels must be distinct and non-empty")
         return value
+
+    @model_validator(mode="after")
+    def _eval_answers_are_labels(self) -> TaskSpec:
+        unknown = [value for value in self.eval_answers.values() if self.labels and value not in self.labels]
+        if unknown:
+            raise ValueError(f"eval_answers maps to {unknown[0]!r}, which is not one of the labels")
+        return self
 
     @field_validator("ban")
     @classmethod

@@ -26,6 +26,7 @@ class GenerationParams:
     max_new_tokens: int = 384
     temperature: float = 0.0
     json_schema: dict | None = None  # constrain the answer to this schema when the engine can
+    stop: list[str] | None = None  # end an answer at the first of these strings (not included)
 
 
 @dataclass
@@ -44,7 +45,14 @@ class Engine(Protocol):
 class TransformersEngine:
     """A Hugging Face causal LM decoding up to `batch_size` prompts per forward pass (continuous batching)."""
 
-    def __init__(self, model_path: str, batch_size: int = 16, threads: int | None = None, share_prefix: bool = True):
+    def __init__(
+        self,
+        model_path: str,
+        batch_size: int = 16,
+        threads: int | None = None,
+        share_prefix: bool = True,
+        chat: bool | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
@@ -61,7 +69,7 @@ class TransformersEngine:
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.stop_ids.add(self.tokenizer.eos_token_id)
-        self.chat = bool(self.tokenizer.chat_template)
+        self.chat = bool(self.tokenizer.chat_template) if chat is None else chat and bool(self.tokenizer.chat_template)
         self.batch_size = batch_size
         self.threads = threads
         self.share_prefix = share_prefix
@@ -92,15 +100,12 @@ class TransformersEngine:
         ids = [self.tokenizer(self._format(p), add_special_tokens=not self.chat)["input_ids"] for p in prompts]
         with torch.inference_mode():
             decoded = _ContinuousBatch(self, ids, params).run()
-        return [
-            Completion(
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                prompt_tokens=len(prompt_ids),
-                completion_tokens=len(tokens),
-                finish_reason="stop" if stopped else "length",
-            )
-            for (tokens, stopped), prompt_ids in zip(decoded, ids)
-        ]
+        completions = []
+        for (tokens, stopped), prompt_ids in zip(decoded, ids):
+            text, at_stop = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+            finish = "stop" if stopped or at_stop else "length"
+            completions.append(Completion(text, len(prompt_ids), len(tokens), finish))
+        return completions
 
 
 class _ContinuousBatch:
@@ -243,9 +248,19 @@ class _ContinuousBatch:
                 self.stopped[row] = True
                 continue
             self.generated[row].append(token)
+            if self._at_stop_string(row):
+                self.stopped[row] = True
+                continue
             if len(self.generated[row]) < self.params.max_new_tokens:
                 going.append(position)
         return tokens, going
+
+    def _at_stop_string(self, row: int) -> bool:
+        """True when the row's text now contains a stop string (only its last few tokens are decoded)."""
+        if not self.params.stop:
+            return False
+        tail = self.engine.tokenizer.decode(self.generated[row][-12:], skip_special_tokens=True)
+        return any(stop in tail for stop in self.params.stop)
 
 
 def _zeros(tensor, length: int):
@@ -309,7 +324,13 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
 class VLLMEngine:
     """vLLM's offline engine on this actor's GPU (GPU clusters; not exercised on the CI machine)."""
 
-    def __init__(self, model_path: str, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        chat: bool | None = None,
+    ):
         try:
             from vllm import LLM
         except ImportError:
@@ -320,7 +341,8 @@ class VLLMEngine:
             max_model_len=max_model_len,
             enable_prefix_caching=True,
         )
-        self.chat = bool(getattr(self.llm.get_tokenizer(), "chat_template", None))
+        has_template = bool(getattr(self.llm.get_tokenizer(), "chat_template", None))
+        self.chat = has_template if chat is None else chat and has_template
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         from vllm import SamplingParams
@@ -328,7 +350,10 @@ class VLLMEngine:
 
         structured = StructuredOutputsParams(json=params.json_schema) if params.json_schema is not None else None
         sampling = SamplingParams(
-            max_tokens=params.max_new_tokens, temperature=params.temperature, structured_outputs=structured
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            structured_outputs=structured,
+            stop=params.stop,
         )
         if self.chat:
             conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
@@ -358,6 +383,7 @@ class OpenAIEngine:
         max_retries: int = 5,
         timeout: float = 120.0,
         structured: bool = True,
+        chat: bool | None = None,
     ):
         from openai import OpenAI
 
@@ -369,19 +395,18 @@ class OpenAIEngine:
         self.structured = structured
         self.base_url = base_url
         self.api_key_env = api_key_env
+        self.chat = chat is not False  # chat completions unless told to send raw prompts (completions)
 
     def check(self) -> None:
         """One tiny request, so a wrong URL, key or model name is one clear error before any work starts."""
         import openai
 
         try:
-            self.client.with_options(max_retries=1).chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": "Say OK."}], max_tokens=1
-            )
+            self._request(self.client.with_options(max_retries=1), "Say OK.", max_tokens=1)
         except openai.AuthenticationError:
             raise RebaseError(f"{self.base_url} refused the API key from ${self.api_key_env}") from None
         except openai.NotFoundError:
-            raise RebaseError(f"{self.base_url} has no model '{self.model}' (or no chat completions)") from None
+            raise RebaseError(f"{self.base_url} has no model '{self.model}' (or no {self._route})") from None
         except openai.APIConnectionError:
             raise RebaseError(f"cannot reach the OpenAI-compatible endpoint {self.base_url}") from None
         except openai.APIStatusError as error:
@@ -397,13 +422,11 @@ class OpenAIEngine:
                 "type": "json_schema",
                 "json_schema": {"name": "example", "schema": params.json_schema, "strict": True},
             }
+        if params.stop:
+            options["stop"] = params.stop
         try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=params.max_new_tokens,
-                temperature=params.temperature,
-                **options,
+            response = self._request(
+                self.client, prompt, max_tokens=params.max_new_tokens, temperature=params.temperature, **options
             )
         except openai.APIError as error:  # retries exhausted, or a request the endpoint refuses
             status = getattr(error, "status_code", None)
@@ -411,11 +434,22 @@ class OpenAIEngine:
         choice = response.choices[0]
         usage = response.usage
         return Completion(
-            text=choice.message.content or "",
+            text=(choice.message.content if self.chat else choice.text) or "",
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
         )
+
+    @property
+    def _route(self) -> str:
+        return "chat completions" if self.chat else "completions"
+
+    def _request(self, client, prompt: str, **options):
+        if self.chat:
+            return client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}], **options
+            )
+        return client.completions.create(model=self.model, prompt=prompt, **options)
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -426,14 +460,19 @@ def make_engine(kind: str, model: str, **options) -> Engine:
     """The engine `kind` for `model` (a local directory for transformers and vLLM, the served name for openai);
     options not meant for that engine are ignored, so one config drives all three."""
     if kind == "transformers":
-        return TransformersEngine(model, **_pick(options, "batch_size", "threads", "share_prefix"))
+        return TransformersEngine(model, **_pick(options, "batch_size", "threads", "share_prefix", "chat"))
     if kind == "vllm":
-        return VLLMEngine(model, **_pick(options, "gpu_memory_utilization", "max_model_len"))
+        return VLLMEngine(model, **_pick(options, "gpu_memory_utilization", "max_model_len", "chat"))
     if kind == "openai":
-        return OpenAIEngine(
-            model, **_pick(options, "base_url", "api_key_env", "concurrency", "max_retries", "timeout", "structured")
-        )
+        names = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "structured", "chat")
+        return OpenAIEngine(model, **_pick(options, *names))
     raise ValueError(f"unknown engine {kind}")
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
+    cuts = [text.find(s) for s in stop or [] if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _pick(options: dict, *names: str) -> dict:
