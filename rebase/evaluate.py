@@ -108,7 +108,7 @@ def read_eval_set(spec: str, task: TaskSpec, limit: int | None = None) -> list[d
 
     seen: dict[str, dict] = {}
     for dataset in open_source(spec).datasets():
-        for _, row in dataset.rows:
+        for _, _, row, _ in dataset.read(list(range(sum(dataset.count())))):
             text, answer = (row or {}).get("input"), (row or {}).get("output")
             if text is None or answer is None or not str(text).strip() or not str(answer).strip():
                 continue
@@ -117,7 +117,7 @@ def read_eval_set(spec: str, task: TaskSpec, limit: int | None = None) -> list[d
                 str(text).strip(), {"input": str(text).strip(), "reference": task.eval_answers.get(answer, answer)}
             )
     if not seen:
-        raise RebaseError(f"{spec} has no rows with an input and an output to evaluate on")
+        raise RebaseError(f"{spec} has no rows with an input and an output to evaluate on (fields 'input', 'output')")
     examples = sorted(seen.values(), key=lambda e: hashlib.sha256(e["input"].encode()).hexdigest())
     return examples[:limit] if limit else examples
 

@@ -16,7 +16,9 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (without
+        # it, a warning every few seconds for as long as the process lives); it listens on 127.0.0.1.
+        include_dashboard=True,
         logging_level=logging.WARNING,
         configure_logging=True,
     )

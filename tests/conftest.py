@@ -61,3 +61,46 @@ def source_files(tmp_path):
     metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     pq.write_table(table.replace_schema_metadata(metadata), data / "nli.parquet")
     return data
+
+
+def navigate_examples(count: int, start: int = 0) -> list[dict]:
+    """Small navigate-style examples with chain-of-thought outputs: take a steps, turn around, take b."""
+    examples = []
+    for n in range(start, start + count):
+        a, b = n % 5 + 1, (n // 5) % 5 + 1  # 25 distinct inputs
+        end = a - b
+        same = "Yes" if end == 0 else "No"
+        reasoning = (
+            f"We start at (0, 0). Take {a} steps: (0, {a}). Turn around. Take {b} steps: (0, {end}). "
+            f"Since (0, {end}) {'is' if end == 0 else 'is not'} (0, 0), we are "
+            f"{'back where we started' if end == 0 else 'not where we started'}. So the answer is {same}."
+        )
+        examples.append({"input": f"Take {a} steps. Turn around. Take {b} steps.", "output": reasoning})
+    return examples
+
+
+@pytest.fixture(scope="session")
+def training_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("training") / "examples.jsonl"
+    write_jsonl(path, navigate_examples(16))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_student(tmp_path_factory, training_file):
+    """A student trained once per session on the real built-in model under real Ray Train + DeepSpeed:
+    16 examples, 2 epochs of 4-example batches (8 steps), LoRA."""
+    from rebase.config import TrainConfig
+    from rebase.train import train
+
+    out = tmp_path_factory.mktemp("student") / "student"
+    config = TrainConfig(
+        data=training_file,
+        task="jobs/tasks/navigate.yaml",
+        out=out,
+        epochs=2,
+        batch_size=4,
+        learning_rate=1e-3,
+        max_length=160,
+    )
+    return config, train(config)

@@ -1,15 +1,20 @@
-"""Training data for the student: reading it, and encoding examples with the loss on the response only."""
+"""`rebase train`: the training set, encoding with the loss on the response only, and real Ray Train +
+DeepSpeed runs of the built-in student (one worker, two workers with ZeRO-2, killed and resumed)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when
 
+from rebase.cli import main
 from rebase.errors import RebaseError
-from rebase.train import IGNORE_INDEX, encode_example, read_training_set
+from rebase.train import IGNORE_INDEX, collate, encode_example, read_training_set, response_loss, train
 
 
 def test_reads_ok_records_of_a_transformed_directory(tmp_path):
@@ -83,3 +88,206 @@ def test_truncation_cuts_the_response_and_is_reported(tokenizer):
     assert cut.truncated and len(cut.input_ids) == length + 3
     assert cut.labels[:length] == [IGNORE_INDEX] * length and IGNORE_INDEX not in cut.labels[length:]
     assert encode_example(tokenizer, prompt, response, max_length=length) is None
+
+
+@pytest.mark.slow
+def test_response_loss_equals_the_models_own_loss(tokenizer):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rebase.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:gemma3-270m"), dtype=torch.float32)
+    long = encode_example(tokenizer, "### Input:\nhello there my friend\n\n### Response:\n", "Yes it is", 64)
+    short = encode_example(tokenizer, "### Input:\nhi\n\n### Response:\n", "No, it is not so at all", 64)
+    batch = collate(
+        {
+            "input_ids": np.array([long.input_ids, short.input_ids], dtype=object),
+            "labels": np.array([long.labels, short.labels], dtype=object),
+        },
+        pad_id=tokenizer.pad_token_id,
+    )
+    assert batch["attention_mask"].sum() == len(long.input_ids) + len(short.input_ids)
+    with torch.no_grad():
+        ours, theirs = response_loss(model, batch), model(**batch).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_exports_a_plain_model(trained_student):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rebase.models import resolve_model
+    from rebase.task import load_task, student_prompt
+
+    config, summary = trained_student
+    assert summary.examples == 16 and summary.steps == 8 and len(summary.losses) == 8
+    assert summary.final_loss < 0.5 * summary.first_loss
+    assert summary.train_tokens > 16 * 2 * 40 and summary.tokens_per_second > 0
+    out = config.out
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+        trained_q = weights.get_tensor(next(n for n in names if n.endswith("layers.0.self_attn.q_proj.weight")))
+    assert not any("lora" in name for name in names)  # merged: plain transformers loads it, no peft needed
+    with safe_open(resolve_model("builtin:gemma3-270m") / "model.safetensors", "pt") as weights:
+        base_q = weights.get_tensor(next(n for n in weights.keys() if n.endswith("layers.0.self_attn.q_proj.weight")))  # noqa: SIM118
+    assert not torch.equal(trained_q, base_q)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    prompt = student_prompt(load_task(config.task), "Take 2 steps. Turn around. Take 2 steps.")
+    ids = tokenizer(prompt, return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).startswith("We start")
+    card = (out / "README.md").read_text()
+    assert "base_model: builtin:gemma3-270m" in card and "LoRA r=16" in card and "### Response:" in card
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["summary"]["steps"] == 8 and stats["lineage"]["data"] == str(config.data)
+    assert (out / "_SUCCESS").exists()
+
+    again = train(config)
+    assert again.already_done and "already trained" in again.line()
+    with pytest.raises(RebaseError, match="holds a student trained on other data"):
+        train(config.model_copy(update={"epochs": 3}))
+
+
+@pytest.mark.slow
+def test_two_workers_with_zero_2(training_file, tmp_path):
+    from rebase.config import TrainConfig
+
+    config = TrainConfig(
+        data=training_file,
+        task="jobs/tasks/navigate.yaml",
+        out=tmp_path / "student",
+        workers=2,
+        zero_stage=2,
+        threads=1,
+        batch_size=2,
+        max_steps=3,
+        max_length=160,
+    )
+    summary = train(config)
+    assert summary.workers == 2 and summary.zero_stage == 2 and summary.steps == 3
+    # each step's figures are summed over both workers: 2 workers x 2 examples of at least 40 tokens
+    assert summary.train_tokens >= 3 * 2 * 2 * 40
+    assert (tmp_path / "student" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(training_file, tmp_path):
+    out = tmp_path / "student"
+    command = [sys.executable, "-m", "rebase", "train", "--data", str(training_file), "--task"]
+    command += ["jobs/tasks/navigate.yaml", "--out", str(out), "--epochs", "2", "--batch-size", "4"]
+    command += ["--checkpoint-every", "1", "--max-length", "160"]
+    storage = out / "checkpoints" / "train"
+
+    def checkpointed() -> bool:  # a checkpoint reported and recorded: the snapshot names it
+        snapshot = storage / "checkpoint_manager_snapshot.json"
+        return snapshot.exists() and any(storage.glob("checkpoint_*/state.json"))
+
+    kill_when(command, checkpointed, "training")
+    assert not (out / "_SUCCESS").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert "8 steps over 2 epoch(s), resumed from step" in line, line
+    resumed = int(line.split("resumed from step ")[1].split(",")[0])
+    assert 1 <= resumed < 8
+    losses = json.loads((out / "stats.json").read_text())["summary"]["losses"]
+    assert [step for step, _ in losses] == list(range(1, 9))  # steps before the kill kept, none repeated
+
+
+def test_bad_training_input_is_one_line(training_file, tmp_path, capsys, monkeypatch):
+    base = ["train", "--data", str(training_file), "--task", "jobs/tasks/navigate.yaml", "--out"]
+    cases = [
+        (base + [str(tmp_path / "a"), "--zero-stage", "5"], "field 'zero_stage'"),
+        (base + [str(tmp_path / "b"), "--student", str(tmp_path / "nowhere")], "is not a model directory"),
+        (base + [str(tmp_path / "c"), "--student", "acme/not-cached-model"], "not in the local Hugging Face cache"),
+        (
+            ["train", "--data", str(tmp_path / "missing.jsonl"), "--task", "jobs/tasks/navigate.yaml", "--out", "x"],
+            "training data not found",
+        ),
+        (["train", "--task", "jobs/tasks/navigate.yaml"], "train needs --data"),
+    ]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for argv, message in cases:
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("rebase: error:") and message in error and len(error.splitlines()) == 1, error
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    assert main(base + [str(tmp_path / "foreign")]) == 2
+    assert "not a rebase student directory" in capsys.readouterr().err
+    for name in "abc":
+        assert not (tmp_path / name).exists()  # a refused run leaves nothing behind
+
+
+@pytest.mark.slow
+def test_more_workers_than_cpus_is_refused(training_file, tmp_path, capsys):
+    argv = ["train", "--data", str(training_file), "--task", "jobs/tasks/navigate.yaml"]
+    argv += ["--out", str(tmp_path / "s"), "--workers", "64"]
+    assert main(argv) == 2
+    assert "64 worker(s) x 1 CPU(s) do not fit this Ray's" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_lineage_follows_the_transform_back_to_the_datastore(tmp_path):
+    from rebase.train import lineage
+
+    datastore, retrieved, transformed = tmp_path / "ds", tmp_path / "ret", tmp_path / "tr"
+    for directory in (datastore, retrieved, transformed):
+        directory.mkdir()
+    manifest = {"embedder": {"name": "builtin:minilm"}, "sources": [{"spec": "bigbench"}], "updated": "today"}
+    (datastore / "manifest.json").write_text(json.dumps(manifest))
+    (retrieved / "stats.json").write_text(json.dumps({"datastore": str(datastore), "top_k": 3000, "ban": ["x"]}))
+    stats = {"teacher": "builtin:gemma3-270m", "engine": "transformers", "rows": 9, "retrieved": str(retrieved)}
+    (transformed / "stats.json").write_text(json.dumps(stats))
+    found = lineage(transformed)
+    assert found["transformed"]["teacher"] == "builtin:gemma3-270m"
+    assert found["retrieved"]["top_k"] == 3000
+    assert found["datastore"] == {
+        "path": str(datastore),
+        "embedder": {"name": "builtin:minilm"},
+        "sources": ["bigbench"],
+        "updated": "today",
+    }
+    assert lineage(tmp_path / "file.jsonl") == {"data": str(tmp_path / "file.jsonl")}
+
+
+@pytest.mark.slow
+def test_a_lost_worker_restarts_from_the_last_checkpoint(training_file, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from rebase.config import TrainConfig
+
+    config = TrainConfig(
+        data=training_file,
+        task="jobs/tasks/navigate.yaml",
+        out=tmp_path / "student",
+        epochs=2,
+        batch_size=4,
+        checkpoint_every=1,
+        max_length=160,
+    )
+    finished: dict = {}
+    runner = threading.Thread(target=lambda: finished.update(summary=train(config)))
+    runner.start()
+    storage = tmp_path / "student" / "checkpoints" / "train"
+    deadline = time.monotonic() + 600
+    while not (storage / "checkpoint_manager_snapshot.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Ray names a worker process after its actor ("ray::RayTrainWorker...")
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGKILL)  # the worker dies mid-run, as on a lost node
+    runner.join(timeout=900)
+    summary = finished["summary"]
+    assert summary.steps == 8 and summary.resumed_from_step is not None and summary.resumed_from_step >= 1
+    assert [step for step, _ in summary.losses] == list(range(1, 9))

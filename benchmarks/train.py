@@ -1,0 +1,171 @@
+"""`rebase train` vs a plain single-process PyTorch/transformers loop, same model, same data, same run.
+
+    python benchmarks/train.py [--examples 48] [--epochs 2] [--batch-size 8] [--skip-two-workers]
+
+Data: generated navigate-style examples with chain-of-thought answers (about 130 tokens each in the
+student's prompt format), the same list for every run. Model: the built-in Gemma 3 270M with LoRA r=16 on
+every linear layer, AdamW, fp32 on CPU. Measured:
+- stage: `rebase.train.train` on real Ray, 1 worker, DeepSpeed ZeRO-0: training tokens (non-padding
+  tokens of every batch) per second of step time, and wall time (Ray start, worker start, model load,
+  checkpoints and export included);
+- baseline: the same model and LoRA built in this process, batches in the same order, HF's own loss
+  (`model(**batch, labels=...)`), `loss.backward()`, `optimizer.step()`: tokens per second of step time;
+- two workers: the stage with 2 workers (1 CPU thread each) and ZeRO-2.
+Prints each figure and the ratios stage/baseline and two-workers/baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from rebase.config import TrainConfig
+from rebase.models import resolve_model
+from rebase.task import load_task
+from rebase.train import build_student, collate, encode_training_set, train
+
+TASK = Path(__file__).resolve().parent.parent / "jobs" / "tasks" / "navigate.yaml"
+
+
+def examples(count: int) -> list[dict]:
+    """Navigate-style examples: a few moves, the position after each, and the answer."""
+    rng = random.Random(0)
+    made = []
+    for _ in range(count):
+        x = y = 0
+        moves, steps = [], []
+        for _ in range(rng.randint(3, 5)):
+            n = rng.randint(1, 9)
+            direction = rng.choice(["forward", "backward", "left", "right"])
+            dx, dy = {"forward": (0, n), "backward": (0, -n), "left": (-n, 0), "right": (n, 0)}[direction]
+            x, y = x + dx, y + dy
+            moves.append(f"Take {n} steps {direction}.")
+            steps.append(f"Take {n} steps {direction}: ({x}, {y}).")
+        answer = "Yes" if (x, y) == (0, 0) else "No"
+        reasoning = (
+            f"We start at (0, 0), facing the positive y-axis. {' '.join(steps)} Since ({x}, {y}) "
+            f"{'is' if answer == 'Yes' else 'is not'} (0, 0), we are {'' if answer == 'Yes' else 'not '}where we "
+            f"started. So the answer is {answer}."
+        )
+        made.append({"input": "Always face forward. " + " ".join(moves), "output": reasoning})
+    return made
+
+
+def baseline(rows: list[dict], args, threads: int) -> dict:
+    """A plain loop: no Ray, no DeepSpeed, HF's loss over the full logits."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    path = resolve_model("builtin:gemma3-270m")
+    settings = {
+        "model_path": str(path),
+        "lora": True,
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "lora_target_modules": "all-linear",
+    }
+    model = build_student(settings)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    pad = AutoTokenizer.from_pretrained(path).pad_token_id
+    order = list(rows)
+    random.Random(0).shuffle(order)  # as the stage does
+    tokens, seconds, losses = 0, 0.0, []
+    for _ in range(args.epochs):
+        for start in range(0, len(order), args.batch_size):
+            chunk = order[start : start + args.batch_size]
+            batch = collate(
+                {
+                    "input_ids": np.array([r["input_ids"] for r in chunk], dtype=object),
+                    "labels": np.array([r["labels"] for r in chunk], dtype=object),
+                },
+                pad,
+            )
+            began = time.monotonic()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            seconds += time.monotonic() - began
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(round(loss.item(), 4))
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+    }
+
+
+def stage(data: Path, out: Path, args, workers: int, zero: int, threads: int | None) -> dict:
+    config = TrainConfig(
+        data=data,
+        task=TASK,
+        out=out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        workers=workers,
+        zero_stage=zero,
+        threads=threads,
+    )
+    started = time.monotonic()
+    summary = train(config)
+    return {
+        "tokens": summary.train_tokens,
+        "tokens_per_second": round(summary.tokens_per_second, 1),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "steps": summary.steps,
+        "first_loss": summary.first_loss,
+        "final_loss": summary.final_loss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--skip-two-workers", action="store_true")
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    pairs = examples(args.examples)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:gemma3-270m"))
+    rows, _, _ = encode_training_set(load_task(TASK), pairs, tokenizer, 512)
+    results: dict = {"examples": len(rows), "mean_tokens": round(sum(len(r["input_ids"]) for r in rows) / len(rows))}
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "examples.jsonl"
+        data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+        results["baseline"] = baseline(rows, args, threads)
+        print("baseline", results["baseline"], flush=True)
+        results["stage_1_worker_zero0"] = stage(data, Path(scratch) / "one", args, 1, 0, None)
+        print("stage, 1 worker, ZeRO-0", results["stage_1_worker_zero0"], flush=True)
+        if not args.skip_two_workers:
+            results["stage_2_workers_zero2"] = stage(data, Path(scratch) / "two", args, 2, 2, 1)
+            print("stage, 2 workers, ZeRO-2", results["stage_2_workers_zero2"], flush=True)
+    base = results["baseline"]["tokens_per_second"]
+    results["ratio_stage_vs_baseline"] = round(results["stage_1_worker_zero0"]["tokens_per_second"] / base, 2)
+    two = results.get("stage_2_workers_zero2")
+    if two:
+        results["ratio_two_workers_vs_baseline"] = round(two["tokens_per_second"] / base, 2)
+    print(json.dumps(results, indent=2))
+    print(
+        f"rebase train (1 worker, ZeRO-0) vs plain loop: {results['ratio_stage_vs_baseline']}x training tokens/s "
+        "(target at least 0.8x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
