@@ -115,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, help="torch threads per CPU actor")
     evaluate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
 
+    serve = commands.add_parser("serve", help="serve a model as an OpenAI-compatible endpoint (Ray Serve)")
+    serve.add_argument("--config", type=Path, help="YAML file of ServeConfig fields; flags override it")
+    serve.add_argument("--model", help="student directory, built-in or HF id")
+    serve.add_argument("--task", type=Path, help="task file: adds /tasks/NAME/v1/... routes taking raw inputs")
+    serve.add_argument("--engine", choices=["transformers", "vllm"], help="vllm: Ray Serve LLM on GPU nodes")
+    serve.add_argument("--name", help="the model name clients send (default: the directory's name)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--min-replicas", type=int, dest="min_replicas")
+    serve.add_argument("--max-replicas", type=int, dest="max_replicas")
+    serve.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="requests decoded together")
+    serve.add_argument("--threads", type=int, help="torch threads per CPU replica")
+
     info = datastore_commands.add_parser("info", help="describe a datastore")
     info.add_argument("directory", type=Path)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -169,6 +182,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     summary = evaluate(_stage_config(EvaluateConfig, args, "--model MODEL, --task TASK.yaml and --out DIR"))
     print(summary.table())
     print(summary.line())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rebase.config import ServeConfig
+    from rebase.serve import serve_student
+
+    serve_student(_stage_config(ServeConfig, args, "--model MODEL"))
     return 0
 
 
@@ -232,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         ("transform", None): _transform,
         ("train", None): _train,
         ("evaluate", None): _evaluate,
+        ("serve", None): _serve,
     }
     try:
         return handlers[(args.command, getattr(args, "datastore_command", None))](args)
@@ -243,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
+        if args.command == "serve":
+            print("rebase: stopped serving", file=sys.stderr)
+            return 0
         print("rebase: interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
         return 130
 

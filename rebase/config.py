@@ -187,3 +187,35 @@ class EvaluateConfig(GenerationConfig):
     limit: int | None = Field(None, ge=1, description="score a fixed sample of N examples")
     few_shot: bool | None = Field(None, description="the task's examples in each prompt (default: as trained)")
     max_new_tokens: int = Field(256, ge=1)
+
+
+class ServeConfig(StageConfig):
+    """`rebase serve`: which model, on which address, how replicas scale and batch, what requests may ask."""
+
+    model: str = Field(description="a student directory, a built-in or an HF id")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="vllm: Ray Serve LLM's vLLM app on GPU nodes (its own routes and limits)"
+    )
+    task: Path | None = Field(None, description="a task file: adds the task's routes (/tasks/NAME/v1/...)")
+    name: str | None = Field(None, description="the model name clients send; default the directory's name")
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback is reachable by others")
+    port: int = Field(8000, ge=1, le=65535)
+    few_shot: bool | None = Field(None, description="the task's examples in task-route prompts; default as trained")
+    max_batch_size: int = Field(16, ge=1, description="requests decoded together in one forward pass")
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description="how long a batch waits to fill")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling: requests in flight per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once")
+    threads: int | None = Field(None, ge=1, description="torch threads per CPU replica; default all cores")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_prompt_tokens: int = Field(4096, ge=16)
+    max_tokens_limit: int = Field(1024, ge=1, description="the most `max_tokens` a request may ask for")
+    max_choices: int = Field(8, ge=1, description="the most prompts x n one request may ask for")
+    api_key_env: str = Field("REBASE_API_KEY", description="when this variable is set, requests need its bearer key")
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self

@@ -28,7 +28,7 @@ import pyarrow as pa
 from rebase.config import EvaluateConfig
 from rebase.errors import RebaseError
 from rebase.io import write_json_atomic, write_parquet_atomic
-from rebase.task import TaskSpec, final_answer, load_task, match_label, normalise, student_prompt
+from rebase.task import STUDENT_STOP, TaskSpec, final_answer, load_task, match_label, normalise, student_prompt
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -97,7 +97,6 @@ def score(task: TaskSpec, predictions: list[str], references: list[list[str]]) -
 
 # ---------------------------------------------------------------- the evaluation stage
 
-STOP = ["\n###"]  # the student's prompt format starts its next section here: an answer never contains it
 _OWN_FILES = {"answers", "predictions.parquet", "summary.json", "_SUCCESS"}
 
 
@@ -174,8 +173,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     _check_out(out)
     examples = read_eval_set(spec, task, config.limit)
     prompts = [student_prompt(task, example["input"], few_shot) for example in examples]
-    params = GenerationParams(config.max_new_tokens, config.temperature, None, stop=STOP)
-    settings = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "stop": STOP}
+    params = GenerationParams(config.max_new_tokens, config.temperature, None, stop=STUDENT_STOP)
+    settings = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "stop": STUDENT_STOP}
     print(f"evaluate: {len(examples)} examples of {spec}, {len(models)} model(s)", file=sys.stderr)
     scores: dict[str, dict[str, float]] = {}
     rows = []

@@ -143,6 +143,7 @@ def match_label(answer: str, labels: list[str]) -> str | None:
 
 
 STUDENT_TEMPLATE = "### Instruction:\n{instruction}\n\n{examples}### Input:\n{input}\n\n### Response:\n"
+STUDENT_STOP = ["\n###"]  # the format's next section starts here: a response never contains it
 
 
 def student_prompt(task: TaskSpec, text: str, few_shot: bool = False) -> str:

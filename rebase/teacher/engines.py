@@ -93,19 +93,26 @@ class TransformersEngine:
         messages = [{"role": "user", "content": prompt}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
-        import torch
-
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's token ids as the engine feeds them (in the chat template when it uses one)."""
         # a chat template already starts with BOS
-        ids = [self.tokenizer(self._format(p), add_special_tokens=not self.chat)["input_ids"] for p in prompts]
-        with torch.inference_mode():
-            decoded = _ContinuousBatch(self, ids, params).run()
+        return self.tokenizer(self._format(prompt), add_special_tokens=not self.chat)["input_ids"]
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
+        ids = [self.encode(p) for p in prompts]
+        decoded = _ContinuousBatch(self, ids, params).run()
         completions = []
         for (tokens, stopped), prompt_ids in zip(decoded, ids):
             text, at_stop = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
             finish = "stop" if stopped or at_stop else "length"
             completions.append(Completion(text, len(prompt_ids), len(tokens), finish))
         return completions
+
+    def steps(self, ids: list[list[int]], rows: list[GenerationParams]):
+        """Decode token ids with settings per row (length, temperature, stop strings), one step at a time:
+        yields, after each forward pass, (row, token or None, finished) for the rows it advanced. A server
+        streams from this; `generate` is the same loop run to the end."""
+        return _ContinuousBatch(self, ids, GenerationParams(), rows).steps()
 
 
 class _ContinuousBatch:
@@ -118,11 +125,20 @@ class _ContinuousBatch:
     layers keep the last `window - 1` positions, so padding stays aligned with the attention mask). The
     prompts of one task share their head (instruction and examples): its KV is computed once and laid
     out behind each row's padding, so prefill only computes what differs, as vLLM's prefix caching does.
-    Greedy unless `params.temperature` > 0; with a schema, each row's xgrammar matcher masks its logits.
+    Greedy unless a row's temperature > 0; with a schema, each row's xgrammar matcher masks its logits.
+    `rows` gives each row its own length, temperature and stop strings (default: `params` for all).
     """
 
-    def __init__(self, engine: TransformersEngine, ids: list[list[int]], params: GenerationParams):
+    def __init__(
+        self,
+        engine: TransformersEngine,
+        ids: list[list[int]],
+        params: GenerationParams,
+        rows: list[GenerationParams] | None = None,
+    ):
         self.engine, self.model, self.ids, self.params = engine, engine.model, ids, params
+        self.rows = rows or [params] * len(ids)
+        self.events: list[tuple[int, int | None, bool]] = []
         self.device = engine.device
         self.pad = engine.tokenizer.pad_token_id
         self.generated: list[list[int]] = [[] for _ in ids]
@@ -142,31 +158,49 @@ class _ContinuousBatch:
         self._prefix_cache = None
 
     def run(self) -> list[tuple[list[int], bool]]:
+        """Every row's generated tokens and whether it stopped (rather than ran out of length)."""
+        for _ in self.steps():
+            pass
+        return list(zip(self.generated, self.stopped))
+
+    def steps(self):
+        """One forward pass per step (admitting waiting prompts first when there is room); yields the
+        events of the rows it advanced. Inference mode is entered per step: a caller may run each step on
+        another thread."""
         import torch
 
         waiting = list(range(len(self.ids)))[::-1]  # popped from the end: prompt order
-        rows: list[int] = []  # the prompt each batch position holds
-        cache = mask = positions = tokens = None
-        while waiting or rows:
-            free = self.engine.batch_size - len(rows)
-            # Admit as soon as a place is free: prefill costs the same per token in small groups or large.
-            if waiting and free:
-                group = [waiting.pop() for _ in range(min(free, len(waiting)))]
-                group_cache, group_mask, group_positions, logits = self._prefill(group)
-                group_tokens, going = self._choose(logits, group)
-                keep = torch.tensor(going, device=self.device, dtype=torch.long)
-                group_cache.batch_select_indices(keep)
-                group = [group[n] for n in going]
-                group_mask, group_positions, group_tokens = group_mask[keep], group_positions[keep], group_tokens[keep]
-                if group and rows:
-                    cache, mask = _merge(cache, mask, group_cache, group_mask)
-                    positions = torch.cat([positions, group_positions])
-                    tokens = torch.cat([tokens, group_tokens])
-                elif group:
-                    cache, mask, positions, tokens = group_cache, group_mask, group_positions, group_tokens
-                rows = rows + group
-                if not rows:
-                    continue
+        self.state = {"rows": [], "cache": None, "mask": None, "positions": None, "tokens": None}
+        while waiting or self.state["rows"]:
+            with torch.inference_mode():
+                self._step(waiting)
+            events, self.events = self.events, []
+            yield events
+
+    def _step(self, waiting: list[int]) -> None:
+        import torch
+
+        state = self.state
+        rows, cache, mask = state["rows"], state["cache"], state["mask"]
+        positions, tokens = state["positions"], state["tokens"]
+        free = self.engine.batch_size - len(rows)
+        # Admit as soon as a place is free: prefill costs the same per token in small groups or large.
+        if waiting and free:
+            group = [waiting.pop() for _ in range(min(free, len(waiting)))]
+            group_cache, group_mask, group_positions, logits = self._prefill(group)
+            group_tokens, going = self._choose(logits, group)
+            keep = torch.tensor(going, device=self.device, dtype=torch.long)
+            group_cache.batch_select_indices(keep)
+            group = [group[n] for n in going]
+            group_mask, group_positions, group_tokens = group_mask[keep], group_positions[keep], group_tokens[keep]
+            if group and rows:
+                cache, mask = _merge(cache, mask, group_cache, group_mask)
+                positions = torch.cat([positions, group_positions])
+                tokens = torch.cat([tokens, group_tokens])
+            elif group:
+                cache, mask, positions, tokens = group_cache, group_mask, group_positions, group_tokens
+            rows = rows + group
+        if rows:
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions + 1
             output = self.model(
@@ -181,7 +215,7 @@ class _ContinuousBatch:
                 rows = [rows[n] for n in going]
                 if rows:
                     cache, mask = _trim(cache, mask)
-        return list(zip(self.generated, self.stopped))
+        self.state = {"rows": rows, "cache": cache, "mask": mask, "positions": positions, "tokens": tokens}
 
     def _prefill(self, group: list[int]):
         """Cache, mask, last positions and next-token logits of a group of new prompts, left-padded."""
@@ -236,31 +270,39 @@ class _ContinuousBatch:
 
             self.batch_matcher.batch_fill_next_token_bitmask([self.matchers[row] for row in rows], self.bitmask)
             xgrammar.apply_token_bitmask_inplace(logits, self.bitmask[: len(rows)].to(logits.device))
-        if self.params.temperature > 0:
-            tokens = torch.multinomial(torch.softmax(logits / self.params.temperature, dim=-1), 1)[:, 0]
-        else:
-            tokens = logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        temperatures = [self.rows[row].temperature for row in rows]
+        if any(t > 0 for t in temperatures):
+            scale = torch.tensor([t if t > 0 else 1.0 for t in temperatures], device=logits.device)[:, None]
+            sampled = torch.multinomial(torch.softmax(logits / scale, dim=-1), 1)[:, 0]
+            greedy = torch.tensor([t == 0 for t in temperatures], device=logits.device)
+            tokens = torch.where(greedy, tokens, sampled)
         going = []
         for position, (row, token) in enumerate(zip(rows, tokens.tolist())):
             if self.matchers is not None:
                 self.matchers[row].accept_token(token)
             if token in self.engine.stop_ids or (self.matchers is not None and self.matchers[row].is_terminated()):
                 self.stopped[row] = True
+                self.events.append((row, None, True))
                 continue
             self.generated[row].append(token)
             if self._at_stop_string(row):
                 self.stopped[row] = True
+                self.events.append((row, token, True))
                 continue
-            if len(self.generated[row]) < self.params.max_new_tokens:
+            going_on = len(self.generated[row]) < self.rows[row].max_new_tokens
+            self.events.append((row, token, not going_on))
+            if going_on:
                 going.append(position)
         return tokens, going
 
     def _at_stop_string(self, row: int) -> bool:
         """True when the row's text now contains a stop string (only its last few tokens are decoded)."""
-        if not self.params.stop:
+        stop = self.rows[row].stop
+        if not stop:
             return False
         tail = self.engine.tokenizer.decode(self.generated[row][-12:], skip_special_tokens=True)
-        return any(stop in tail for stop in self.params.stop)
+        return any(piece in tail for piece in stop)
 
 
 def _zeros(tensor, length: int):

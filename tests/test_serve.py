@@ -1,0 +1,273 @@
+"""`rebase serve`: request validation as plain functions, then the real Ray Serve app on a loopback port
+called with the official OpenAI SDK (completions, chat, streaming, the task route), the API key, a sweep
+of malformed and hostile requests, and concurrent requests decoded in shared batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from openai_server import free_port
+
+from rebase.config import ServeConfig
+from rebase.serve import ChatRequest, CompletionRequest, RequestError, check_limits, parse_request, stop_strings
+
+KEY = "test-key-123"
+
+
+def test_requests_are_parsed_strictly():
+    body = parse_request(b'{"model": "m", "prompt": "hi", "max_tokens": 3}', CompletionRequest)
+    assert body.prompt == "hi" and body.max_tokens == 3 and body.temperature == 0.0
+    cases = [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"model": "m"}', "prompt"),
+        (b'{"model": "m", "prompt": "x", "max_tokens": "5"}', "max_tokens"),
+        (b'{"model": "m", "prompt": "x", "extra": 1}', "extra"),
+        (b'{"model": "m", "prompt": 7}', "prompt"),
+    ]
+    for raw, where in cases:
+        with pytest.raises(RequestError) as refused:
+            parse_request(raw, CompletionRequest)
+        assert refused.value.status == 400 and where in refused.value.message
+    with pytest.raises(RequestError, match="messages"):
+        parse_request(b'{"model": "m", "messages": []}', ChatRequest)
+
+
+def test_stop_strings_and_limits():
+    assert stop_strings(None) == [] and stop_strings("\n") == ["\n"] and stop_strings(["a", "b"]) == ["a", "b"]
+    for bad in (["a"] * 5, [""], ["x" * 65]):
+        with pytest.raises(RequestError, match="stop"):
+            stop_strings(bad)
+    config = ServeConfig(model="m", max_tokens_limit=10, max_choices=2)
+    check_limits(config, 10, 2, 1.0)
+    for args, param in (((11, 1, 1.0), "max_tokens"), ((5, 3, 1.0), "n"), ((5, 1, 0.5), "top_p")):
+        with pytest.raises(RequestError) as refused:
+            check_limits(config, *args)
+        assert refused.value.param == param
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeConfig(model="m", min_replicas=3, max_replicas=2)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The app on real Ray Serve, loopback, a free port, the built-in model as the student, a key."""
+    from ray import serve
+
+    from rebase.ray_setup import ensure_ray
+    from rebase.serve import build_app
+
+    os.environ["REBASE_TEST_KEY"] = KEY
+    config = ServeConfig(
+        model="builtin:gemma3-270m",
+        task="jobs/tasks/navigate.yaml",
+        name="student",
+        api_key_env="REBASE_TEST_KEY",
+        port=free_port(),
+        threads=2,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.2,
+        max_tokens_limit=64,
+        max_body_bytes=4096,
+        max_prompt_tokens=256,
+        max_choices=4,
+    )
+    ensure_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": config.port})
+    serve.run(build_app(config), name="rebase", route_prefix="/")
+    yield f"http://127.0.0.1:{config.port}"
+    serve.shutdown()
+    del os.environ["REBASE_TEST_KEY"]
+
+
+def _client(url: str, key: str | None = KEY, task: str | None = None):
+    from openai import OpenAI
+
+    base = f"{url}/tasks/{task}/v1" if task else f"{url}/v1"
+    return OpenAI(base_url=base, api_key=key or "none", max_retries=0)
+
+
+@pytest.mark.slow
+def test_the_openai_sdk_talks_to_the_student(served):
+    client = _client(served)
+    assert [m.id for m in client.models.list().data] == ["student"]
+    done = client.completions.create(model="student", prompt="The capital of France is", max_tokens=8)
+    assert done.choices[0].text.strip() and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.prompt_tokens == 6 and 0 < done.usage.completion_tokens <= 8
+    two = client.completions.create(model="student", prompt=["One, two,", "A, B,"], max_tokens=4)
+    assert [c.index for c in two.choices] == [0, 1]
+    chat = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(model="student", prompt="One, two, three,", max_tokens=12, stream=True)
+    ]
+    greedy = client.completions.create(model="student", prompt="One, two, three,", max_tokens=12)
+    assert len(pieces) > 3 and "".join(pieces) == greedy.choices[0].text  # streamed as it came, same text
+    deltas = [
+        c.choices[0].delta.content
+        for c in client.chat.completions.create(
+            model="student", messages=[{"role": "user", "content": "Count: one, two,"}], max_tokens=8, stream=True
+        )
+    ]
+    assert len([d for d in deltas if d]) > 2
+
+    task = _client(served, task="navigate")
+    answer = task.chat.completions.create(
+        model="student", messages=[{"role": "user", "content": "Take 1 step. Turn around. Take 1 step."}], max_tokens=48
+    )
+    assert "###" not in answer.choices[0].message.content  # the task's format is the server's, stop included
+    raw = task.completions.create(model="student", prompt="Take 2 steps. Take 2 steps.", max_tokens=16)
+    assert raw.usage.prompt_tokens > 30  # the raw input was put in the task's prompt format
+
+
+@pytest.mark.slow
+def test_the_key_guards_every_route_but_health(served):
+    import openai
+
+    for key in (None, "wrong"):
+        with pytest.raises(openai.AuthenticationError):
+            _client(served, key=key).completions.create(model="student", prompt="x", max_tokens=1)
+    assert requests.get(f"{served}/v1/models", timeout=10).status_code == 401
+    assert requests.get(f"{served}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_and_leave_the_server_healthy(served):
+    good = {"model": "student", "prompt": "hi", "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    completions, chat = f"{served}/v1/completions", f"{served}/v1/chat/completions"
+    cases = [
+        ("malformed JSON", completions, b'{"model": "student", "prompt": ', 400),
+        ("a JSON array", completions, b"[]", 400),
+        ("a JSON string", completions, b'"hi"', 400),
+        ("empty body", completions, b"", 400),
+        ("not UTF-8", completions, b"\xff\xfe\xfa", 400),
+        ("no model", completions, {"prompt": "hi"}, 400),
+        ("no prompt", completions, {"model": "student"}, 400),
+        ("prompt of wrong type", completions, {**good, "prompt": 5}, 400),
+        ("empty prompt list", completions, {**good, "prompt": []}, 400),
+        ("max_tokens as text", completions, {**good, "max_tokens": "2"}, 400),
+        ("max_tokens zero", completions, {**good, "max_tokens": 0}, 400),
+        ("max_tokens over the limit", completions, {**good, "max_tokens": 100000}, 400),
+        ("n over the limit", completions, {**good, "n": 50}, 400),
+        ("negative temperature", completions, {**good, "temperature": -1}, 400),
+        ("temperature as text", completions, {**good, "temperature": "hot"}, 400),
+        ("unsupported top_p", completions, {**good, "top_p": 0.5}, 400),
+        ("unknown field", completions, {**good, "best_of": 3}, 400),
+        ("code in an unknown field", completions, {**good, "__class__": "os.system"}, 400),
+        ("too many stop strings", completions, {**good, "stop": ["a", "b", "c", "d", "e"]}, 400),
+        ("stop of wrong type", completions, {**good, "stop": 3}, 400),
+        ("stream as text", completions, {**good, "stream": "yes"}, 400),
+        ("a model path", completions, {**good, "model": "/etc/passwd"}, 404),
+        ("another model", completions, {**good, "model": "gpt-4"}, 404),
+        ("prompt over the token limit", completions, {**good, "prompt": "word " * 400}, 400),
+        ("body over the size limit", completions, {**good, "prompt": "x" * 10000}, 413),
+        ("no messages", chat, {"model": "student", "messages": []}, 400),
+        ("unknown role", chat, {"model": "student", "messages": [{"role": "root", "content": "x"}]}, 400),
+        ("message without content", chat, {"model": "student", "messages": [{"role": "user"}]}, 400),
+        ("content of wrong type", chat, {"model": "student", "messages": [{"role": "user", "content": 1}]}, 400),
+        ("unknown task route", f"{served}/tasks/other/v1/completions", good, 404),
+    ]
+    for what, url, body, status in cases:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = requests.post(url, data=data, headers=auth, timeout=60)
+        assert response.status_code == status, (what, response.status_code, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"], what
+    assert requests.get(completions, headers=auth, timeout=10).status_code == 405
+    assert requests.get(f"{served}/v1/nothing", headers=auth, timeout=10).json()["error"]["code"] == 404
+    assert len(cases) >= 20
+    assert requests.get(f"{served}/healthz", timeout=10).status_code == 200
+    assert requests.post(completions, data=json.dumps(good), headers=auth, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_batches(served):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("StudentServer", app_name="rebase")
+    before = handle.batches.remote().result()
+    client = _client(served)
+    results: list = []
+
+    def ask(n: int) -> None:
+        results.append(client.completions.create(model="student", prompt=f"Number {n} is", max_tokens=6))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8
+    sizes = handle.batches.remote().result()[len(before) :]
+    assert sum(sizes) == 8 and max(sizes) >= 4, sizes  # eight requests, decoded in a few shared batches
+
+
+@pytest.mark.slow
+def test_rebase_serve_runs_until_ctrl_c(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "rebase", "serve", "--model", "builtin:gemma3-270m", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"at http://127.0.0.1:{port}/v1" in line, line
+        response = requests.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "builtin:gemma3-270m", "prompt": "Hello", "max_tokens": 2},
+            timeout=120,
+        )
+        assert response.status_code == 200 and response.json()["choices"][0]["text"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+        assert "stopped serving" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    time.sleep(1)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_a_model_that_cannot_be_found_is_one_line(tmp_path, capsys):
+    from rebase.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("rebase: error:") and "not a model directory" in error and "\n" not in error
+
+
+@pytest.mark.slow
+def test_the_vllm_engine_without_vllm_is_one_line(capsys):
+    import importlib.util
+
+    from rebase.cli import main
+
+    if importlib.util.find_spec("vllm"):
+        pytest.skip("vLLM is installed here")
+    assert main(["serve", "--model", "builtin:gemma3-270m", "--engine", "vllm"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after Ray's own start-up notice
+    assert error.startswith("rebase: error: engine vllm needs Ray Serve LLM with vLLM")
+
+
+@pytest.mark.slow
+def test_the_serve_config_file_builds_the_same_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rebase.serve import build_app
+
+    config = yaml.safe_load(Path("jobs/serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)  # what `serve deploy` and a RayService accept
+    [application] = schema.applications
+    assert application.import_path == "rebase.serve:build_app"
+    assert type(build_app(application.args)).__name__ == "Application"
