@@ -541,8 +541,11 @@ def _define_deployment():
             return {"status": "ok"}
 
         @app.get("/v1/models")
-        async def models(self, request: Request):
+        @app.get("/tasks/{task}/v1/models")
+        async def models(self, request: Request, task: str | None = None):
             self._authorise(request)
+            if task is not None and (self.task is None or task != self.task.name):
+                raise RequestError(404, f"no task '{task}' is served here", "not_found_error")
             model = {"id": self.name, "object": "model", "created": 0, "owned_by": "rebase"}
             return {"object": "list", "data": [model]}
 

@@ -122,6 +122,7 @@ def test_the_openai_sdk_talks_to_the_student(served):
     assert len([d for d in deltas if d]) > 2
 
     task = _client(served, task="navigate")
+    assert [m.id for m in task.models.list().data] == ["student"]
     answer = task.chat.completions.create(
         model="student", messages=[{"role": "user", "content": "Take 1 step. Turn around. Take 1 step."}], max_tokens=48
     )
@@ -144,6 +145,7 @@ def test_the_key_guards_every_route_but_health(served):
 @pytest.mark.slow
 def test_bad_requests_get_4xx_and_leave_the_server_healthy(served):
     good = {"model": "student", "prompt": "hi", "max_tokens": 2}
+    hi = [{"role": "user", "content": "hi"}]
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     completions, chat = f"{served}/v1/completions", f"{served}/v1/chat/completions"
     cases = [
@@ -177,6 +179,7 @@ def test_bad_requests_get_4xx_and_leave_the_server_healthy(served):
         ("message without content", chat, {"model": "student", "messages": [{"role": "user"}]}, 400),
         ("content of wrong type", chat, {"model": "student", "messages": [{"role": "user", "content": 1}]}, 400),
         ("unknown task route", f"{served}/tasks/other/v1/completions", good, 404),
+        ("unknown task's chat", f"{served}/tasks/x/v1/chat/completions", {"model": "student", "messages": hi}, 404),
     ]
     for what, url, body, status in cases:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
