@@ -156,7 +156,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     task = load_task(config.task)
     spec = config.data or task.eval
     if not spec:
-        raise RebaseError(f"task '{task.name}' names no eval source; pass --data SPEC (e.g. bigbench:{task.name})")
+        raise RebaseError(f"task '{task.name}' names no eval source; pass --data SPEC (bigbench:T, files:PATH, hf:ID)")
     trained = _student_stats(config.model)
     few_shot = config.few_shot if config.few_shot is not None else bool(trained.get("config", {}).get("few_shot"))
     models = {config.model: "student" if trained else "model"}

@@ -313,7 +313,6 @@ def _loop_settings(config: TrainConfig, model_path: Path, tokenizer, examples: i
         "gradient_accumulation": config.gradient_accumulation,
         "epochs": config.epochs,
         "total_steps": total,
-        "batches_per_epoch": batches,
         "checkpoint_every": config.checkpoint_every,
         "zero_stage": config.zero_stage,
         "use_gpu": placement["use_gpu"],
