@@ -46,10 +46,9 @@ class _Strict(BaseModel):
 Stop = str | list[str] | None
 
 
-class CompletionRequest(_Strict):
-    model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+class _Sampling(_Strict):
+    """What completions and chat requests share: how to sample, how many choices, when to stop."""
+
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -57,6 +56,12 @@ class CompletionRequest(_Strict):
     stop: Stop = None
     seed: int | None = None
     user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(_Strict):
@@ -65,18 +70,11 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class ChatRequest(_Strict):
+class ChatRequest(_Sampling):
     model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stop: Stop = None
-    seed: int | None = None
-    user: str | None = None
 
 
 class RequestError(Exception):
@@ -375,10 +373,13 @@ def _define_deployment():
             if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
                 raise RequestError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
 
-        async def _body(self, request: Request, model: type[_Strict], task: str | None):
-            self._authorise(request)
+        def _check_task(self, task: str | None) -> None:
             if task is not None and (self.task is None or task != self.task.name):
                 raise RequestError(404, f"no task '{task}' is served here", "not_found_error")
+
+        async def _body(self, request: Request, model: type[_Strict], task: str | None):
+            self._authorise(request)
+            self._check_task(task)
             length = request.headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
                 raise RequestError(413, f"the body is larger than {self.config.max_body_bytes} bytes")
@@ -544,8 +545,7 @@ def _define_deployment():
         @app.get("/tasks/{task}/v1/models")
         async def models(self, request: Request, task: str | None = None):
             self._authorise(request)
-            if task is not None and (self.task is None or task != self.task.name):
-                raise RequestError(404, f"no task '{task}' is served here", "not_found_error")
+            self._check_task(task)
             model = {"id": self.name, "object": "model", "created": 0, "owned_by": "rebase"}
             return {"object": "list", "data": [model]}
 
