@@ -219,3 +219,103 @@ class ServeConfig(StageConfig):
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+
+class RetrieveConfig(StageConfig):
+    """`rebase retrieve`: the top K rows of a datastore for a task by the ReBase score."""
+
+    datastore: Path
+    task: Path
+    out: Path
+    top_k: int = Field(3000, ge=1)
+    exact: bool = Field(False, description="score every row instead of re-scoring ANN candidates")
+    depth: int = Field(4000, ge=1, description="nearest values per query vector and index shard")
+    per_dataset_cap: int | None = Field(None, ge=1, description="most rows from one dataset")
+    embedder: str | None = Field(None, description="must match the datastore's embedder")
+
+
+STAGES = ("datastore", "retrieve", "transform", "train", "evaluate", "serve")
+
+# The fields the pipeline fills in itself: each stage reads the one before it from the run directory.
+_WIRED = {
+    "retrieve": {"datastore", "task", "out"},
+    "transform": {"retrieved", "task", "out"},
+    "train": {"data", "task", "out"},
+    "evaluate": {"model", "task", "out"},
+    "serve": {"model", "task"},
+}
+_STAGE_MODELS = {
+    "retrieve": RetrieveConfig,
+    "transform": TransformConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "serve": ServeConfig,
+}
+
+
+class PipelineConfig(StageConfig):
+    """`rebase run`: one task through every stage, each stage's section holding that stage's own fields.
+
+    `datastore` holds DatastoreConfig fields (`out` defaults to RUN/datastore/store, and a shared path
+    lets several runs build one store once) or `path:` alone for an existing datastore used as it is.
+    `evaluate: null` skips evaluation; a `serve` section adds the serving stage at the end."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the run's name")
+    task: Path
+    run_dir: Path | None = Field(None, description="default out/runs/NAME; --run-dir overrides")
+    datastore: dict
+    retrieve: dict = Field(default_factory=dict)
+    transform: dict = Field(default_factory=dict)
+    train: dict = Field(default_factory=dict)
+    evaluate: dict | None = Field(default_factory=dict)
+    serve: dict | None = None
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> PipelineConfig:
+        for stage in self.stages():
+            self.stage_config(stage, Path("RUN"))
+        return self
+
+    def stages(self) -> list[str]:
+        """The stages this pipeline runs, in order."""
+        skipped = {"evaluate"} if self.evaluate is None else set()
+        if self.serve is None:
+            skipped.add("serve")
+        return [stage for stage in STAGES if stage not in skipped]
+
+    def stage_config(self, stage: str, run_dir: Path) -> BaseModel:
+        """The stage's own config: its section plus the paths that wire it to the stages before it."""
+        section = dict(getattr(self, stage) or {})
+        if stage == "datastore":
+            if "path" in section:
+                if set(section) != {"path"}:
+                    raise ValueError("datastore: give either path (an existing datastore) or build fields, not both")
+                return DatastoreConfig(sources=["existing"], out=Path(section["path"]).expanduser())
+            section.setdefault("out", run_dir / "datastore" / "store")
+            section["out"] = Path(section["out"]).expanduser()
+            return _validated(stage, DatastoreConfig, section)
+        wired = _WIRED[stage] & set(section)
+        if wired:
+            raise ValueError(f"{stage}.{sorted(wired)[0]} is set by the pipeline (the run directory wires stages)")
+        section["task"] = self.task
+        if stage == "retrieve":
+            datastore = self.stage_config("datastore", run_dir)
+            section.update(datastore=datastore.out, out=run_dir / "retrieve")
+        elif stage == "transform":
+            section.update(retrieved=run_dir / "retrieve", out=run_dir / "transform")
+        elif stage == "train":
+            section.update(data=run_dir / "transform", out=run_dir / "train")
+        elif stage == "evaluate":
+            section.update(model=str(run_dir / "train"), out=run_dir / "evaluate")
+        else:
+            section.update(model=str(run_dir / "train"))
+        return _validated(stage, _STAGE_MODELS[stage], section)
+
+
+def _validated(stage: str, model: type[Config], values: dict) -> Config:
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join([stage, *(str(part) for part in first["loc"])])
+        raise ValueError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None

@@ -8,7 +8,7 @@ Metrics are plain functions:
 - SQuAD-style token F1 for extractive QA, the best over the references.
 
 The output directory holds `answers/<model>/part-*.parquet` (raw answers, so a re-run only generates what
-is missing), `predictions.parquet` (one row per model and example), `summary.json` and `_SUCCESS`.
+is missing), `predictions.parquet` (one row per model and example), `stats.json` and `_SUCCESS`.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def score(task: TaskSpec, predictions: list[str], references: list[list[str]]) -
 
 # ---------------------------------------------------------------- the evaluation stage
 
-_OWN_FILES = {"answers", "predictions.parquet", "summary.json", "_SUCCESS"}
+_OWN_FILES = {"answers", "predictions.parquet", "stats.json", "_SUCCESS"}
 
 
 def read_eval_set(spec: str, task: TaskSpec, limit: int | None = None) -> list[dict]:
@@ -199,7 +199,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pylist(rows))
     summary = EvaluateSummary(out, spec, len(examples), scores, models, time.monotonic() - started)
     write_json_atomic(
-        out / "summary.json",
+        out / "stats.json",
         {
             "task": task.name,
             "data": spec,

@@ -162,7 +162,7 @@ def test_evaluate_a_student_beside_its_base_then_resume(trained_student, tmp_pat
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "(student)" in printed and "builtin:gemma3-270m (base)" in printed and "accuracy" in printed
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "stats.json").read_text())
     assert summary["examples"] == 6 and set(summary["roles"].values()) == {"student", "base"}
     predictions = pq.read_table(out / "predictions.parquet").to_pylist()
     assert len(predictions) == 12
@@ -174,4 +174,4 @@ def test_evaluate_a_student_beside_its_base_then_resume(trained_student, tmp_pat
 
     assert main(argv) == 0  # every answer is cached: nothing is generated again
     assert sorted(path.name for path in (out / "answers").rglob("part-*.parquet")) == parts
-    assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
+    assert json.loads((out / "stats.json").read_text())["models"] == summary["models"]
