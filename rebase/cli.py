@@ -128,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="requests decoded together")
     serve.add_argument("--threads", type=int, help="torch threads per CPU replica")
 
+    from rebase.config import STAGES
+
+    run = commands.add_parser("run", help="every stage of a pipeline file in one run directory; re-run resumes")
+    run.add_argument("pipeline", type=Path, help="pipeline YAML file (jobs/configs/demo.yaml)")
+    run.add_argument(
+        "--run-dir", type=Path, dest="run_dir", help="run directory (default: the file's, else out/runs/NAME)"
+    )
+    run.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    run.add_argument("--only", choices=STAGES, help="run this one stage (the ones before it must be finished)")
+
+    status = commands.add_parser("status", help="each stage of a run: state, time, headline figures")
+    status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="print the states as JSON")
+
     info = datastore_commands.add_parser("info", help="describe a datastore")
     info.add_argument("directory", type=Path)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -193,6 +207,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from rebase.pipeline import load_pipeline, run_pipeline
+
+    summary = run_pipeline(load_pipeline(args.pipeline), args.run_dir, args.from_stage, args.only)
+    print(summary.line())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rebase.pipeline import run_status
+
+    rows = run_status(args.run_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        seconds = f"{row['seconds']:.0f} s" if row["seconds"] is not None else "-"
+        detail = row["figures"] or (row["error"] or "")
+        print(f"{row['stage']:<10} {row['state']:<12} {seconds:>7}  {detail}")
+    return 0
+
+
 def _datastore_info(args: argparse.Namespace) -> int:
     from rebase.datastore import datastore_info
 
@@ -254,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         ("train", None): _train,
         ("evaluate", None): _evaluate,
         ("serve", None): _serve,
+        ("run", None): _run,
+        ("status", None): _status,
     }
     try:
         return handlers[(args.command, getattr(args, "datastore_command", None))](args)

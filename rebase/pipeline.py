@@ -1,0 +1,298 @@
+"""`rebase run PIPELINE.yaml`: every stage of one task in one run directory, skipping finished stages.
+
+The run directory holds `pipeline.yaml` (the settings as run), `run.json` (each stage's state, settings
+hash and timings), one subdirectory per stage (`datastore/`, `retrieve/`, `transform/`, `train/`,
+`evaluate/`, `serve/`), each with `_SUCCESS` and `stats.json` once finished, and the report
+(`report.html`, `report.md`, `report/`). A stage resumes from what it already wrote (answers cached by
+transform and evaluate, Ray Train checkpoints, datastore blocks), so a killed run re-run with the same
+command goes on where it stopped; `--from STAGE` throws that stage and every later one away and redoes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from rebase.config import STAGES, PipelineConfig, build_config
+from rebase.errors import RebaseError
+from rebase.io import write_json_atomic
+
+_OWN_FILES = {"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES}
+
+
+@dataclass
+class RunSummary:
+    name: str
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    seconds: float
+    accuracy: dict[str, float]
+
+    def line(self) -> str:
+        scores = ", ".join(f"{role} {value:.3f}" for role, value in self.accuracy.items())
+        return (
+            f"run {self.name}: {len(self.ran)} stage(s) run, {len(self.skipped)} already done, "
+            f"{self.seconds:.0f} s"
+            + (f"; accuracy {scores}" if scores else "")
+            + f"; report {self.run_dir / 'report.html'}"
+        )
+
+
+def load_pipeline(path: Path) -> PipelineConfig:
+    """Read a pipeline file; its relative paths are relative to the current directory, as on the CLI."""
+    from rebase.config import load_config
+
+    return load_config(PipelineConfig, path)
+
+
+def resolve_run_dir(config: PipelineConfig, run_dir: Path | None) -> Path:
+    """--run-dir, else the file's run_dir, else out/runs/NAME; always absolute (Ray jobs change directory)."""
+    chosen = run_dir or config.run_dir or Path("out/runs") / config.name
+    return chosen.expanduser().resolve()
+
+
+def run_pipeline(
+    config: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None, only: str | None = None
+) -> RunSummary:
+    """Run the pipeline's stages in order in the run directory; finished stages with the same settings
+    are skipped, an unfinished one resumes. `from_stage` redoes that stage and all after it; `only` runs
+    one stage (its predecessors must be finished)."""
+    started = time.monotonic()
+    run_dir = resolve_run_dir(config, run_dir)
+    stages = config.stages()
+    for name, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in stages:
+            raise RebaseError(f"{name} {value}: this pipeline's stages are {', '.join(stages)}")
+    state = _open_run_dir(run_dir, config)
+    if from_stage is not None:
+        _forget(run_dir, state, stages[stages.index(from_stage) :])
+    ran, skipped = [], []
+    for stage in stages:
+        if only is not None and stage != only:
+            if stages.index(stage) < stages.index(only) and not _finished(run_dir, stage):
+                raise RebaseError(f"--only {only}: stage {stage} has not finished; run it first")
+            continue
+        stage_config = config.stage_config(stage, run_dir)
+        settings = _settings_hash(stage_config)
+        entry = state["stages"].get(stage, {})
+        if stage != "serve" and _finished(run_dir, stage):
+            if entry.get("settings") not in (None, settings):
+                raise RebaseError(
+                    f"stage {stage} finished with other settings than {config.name}'s now; "
+                    f"run with --from {stage} to redo it and the stages after it"
+                )
+            print(f"[{stage}] finished earlier ({entry.get('seconds', 0):.0f} s); skipped", flush=True)
+            skipped.append(stage)
+            continue
+        print(f"[{stage}] {'resuming' if (run_dir / stage).exists() else 'starting'}", flush=True)
+        _mark(run_dir, state, stage, state="running", settings=settings, pid=os.getpid(), started=_now(), finished=None)
+        stage_started = time.monotonic()
+        try:
+            _run_stage(stage, stage_config, run_dir)
+        except BaseException as error:
+            failed = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            _mark(run_dir, state, stage, state=failed, error=str(error)[:500], finished=_now())
+            _write_report(run_dir)
+            raise
+        seconds = round(time.monotonic() - stage_started, 1)
+        _mark(run_dir, state, stage, state="done", seconds=seconds, finished=_now(), error=None)
+        print(f"[{stage}] done in {seconds:.0f} s", flush=True)
+        ran.append(stage)
+        _write_report(run_dir)
+    return RunSummary(config.name, run_dir, ran, skipped, time.monotonic() - started, _accuracy(run_dir))
+
+
+def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
+    """The run's state; a directory holding another run or foreign files is refused, never overwritten."""
+    run_json = run_dir / "run.json"
+    if run_json.exists():
+        state = json.loads(run_json.read_text())
+        if state.get("name") != config.name:
+            raise RebaseError(
+                f"{run_dir} holds run {state.get('name')!r}, not {config.name!r}; choose another --run-dir"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RebaseError(f"{run_dir} is not empty and is no rebase run; choose another --run-dir")
+    else:
+        state = {"name": config.name, "task": str(config.task), "stages": {}}
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _OWN_FILES) if run_dir.exists() else []
+    if foreign:
+        raise RebaseError(f"{run_dir} holds files that are not the run's ({foreign[0]}); choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_json_atomic(run_json, state)
+    return state
+
+
+def _forget(run_dir: Path, state: dict, stages: list[str]) -> None:
+    """Throw away the named stages' directories so they run again (a shared datastore is kept: it only adds)."""
+    for stage in stages:
+        shutil.rmtree(run_dir / stage, ignore_errors=True)
+        state["stages"].pop(stage, None)
+    write_json_atomic(run_dir / "run.json", state)
+
+
+def _finished(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / "_SUCCESS").exists()
+
+
+def _mark(run_dir: Path, run: dict, stage: str, **fields) -> None:
+    run["stages"].setdefault(stage, {}).update(fields)
+    write_json_atomic(run_dir / "run.json", run)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _settings_hash(stage_config) -> str:
+    return hashlib.sha256(json.dumps(stage_config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run_stage(stage: str, stage_config, run_dir: Path) -> None:
+    """Call the stage's own function (the same one its `rebase` command calls) and print its summary."""
+    if stage == "datastore":
+        _datastore_stage(stage_config, run_dir / "datastore")
+    elif stage == "retrieve":
+        from rebase.retrieve import retrieve
+        from rebase.task import load_task
+
+        c = stage_config
+        print(
+            retrieve(
+                c.datastore, load_task(c.task), c.out, c.top_k, c.per_dataset_cap, c.embedder, c.exact, c.depth
+            ).line()
+        )
+    elif stage == "transform":
+        from rebase.teacher import transform
+
+        print(transform(stage_config).line())
+    elif stage == "train":
+        from rebase.train import train
+
+        print(train(stage_config).line())
+    elif stage == "evaluate":
+        from rebase.evaluate import evaluate
+
+        summary = evaluate(stage_config)
+        print(summary.table())
+        print(summary.line())
+    else:
+        _serve_stage(stage_config, run_dir / "serve")
+
+
+def _datastore_stage(config, stage_dir: Path) -> None:
+    """Build (or only check, for `path:`) the datastore; the stage directory records where it is."""
+    from rebase.datastore import build_datastore, datastore_info
+
+    if config.sources != ["existing"]:
+        print(build_datastore(config).line())
+    info = datastore_info(config.out)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    counts = info["counts"]
+    stats = {"path": str(config.out), "embedder": info["embedder"]["name"], **counts}
+    write_json_atomic(stage_dir / "stats.json", stats)
+    (stage_dir / "_SUCCESS").write_text("")
+
+
+def _serve_stage(config, stage_dir: Path) -> None:
+    """Serve the student until Ctrl-C; the stage directory records the endpoint while it is up."""
+    from rebase.serve import serve_student
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    def ready(url: str) -> None:
+        write_json_atomic(stage_dir / "stats.json", {"url": url, "model": config.model, "since": _now()})
+
+    serve_student(config, ready)
+
+
+def _write_report(run_dir: Path) -> None:
+    from rebase.report import write_report
+
+    write_report(run_dir)
+
+
+def _accuracy(run_dir: Path) -> dict[str, float]:
+    """Accuracy by role (base, student) from the evaluate stage, if it ran."""
+    stats_path = run_dir / "evaluate" / "stats.json"
+    if not stats_path.exists():
+        return {}
+    stats = json.loads(stats_path.read_text())
+    return {stats["roles"].get(model, model): scores["accuracy"] for model, scores in stats["models"].items()}
+
+
+def run_status(run_dir: Path) -> list[dict]:
+    """Each stage's state, seconds and headline figures, read from the run directory alone."""
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        raise RebaseError(f"{run_dir} is not a rebase run (no run.json)")
+    state = json.loads(run_json.read_text())
+    planned = yaml.safe_load((run_dir / "pipeline.yaml").read_text()) if (run_dir / "pipeline.yaml").exists() else {}
+    config = build_config(PipelineConfig, planned, str(run_dir / "pipeline.yaml")) if planned else None
+    stages = config.stages() if config else list(state["stages"])
+    rows = []
+    for stage in stages:
+        entry = state["stages"].get(stage, {})
+        status = entry.get("state", "not started")
+        if status == "running" and not _alive(entry.get("pid")):
+            status = "interrupted"
+        if stage != "serve" and _finished(run_dir, stage):
+            status = "done"
+        rows.append(
+            {
+                "stage": stage,
+                "state": status,
+                "seconds": entry.get("seconds"),
+                "figures": _figures(run_dir, stage),
+                "error": entry.get("error"),
+            }
+        )
+    return rows
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _figures(run_dir: Path, stage: str) -> str:
+    """One line of the figures a person checks first for a stage."""
+    stats_path = run_dir / stage / "stats.json"
+    if not stats_path.exists():
+        return ""
+    stats = json.loads(stats_path.read_text())
+    if stage == "datastore":
+        return f"{stats['datasets']:,} datasets, {stats['rows']:,} rows, {stats['cells']:,} cells ({stats['path']})"
+    if stage == "retrieve":
+        return f"{stats['rows']:,} rows ({stats['mode']})"
+    if stage == "transform":
+        statuses = stats.get("statuses", {})
+        others = ", ".join(f"{name} {count}" for name, count in sorted(statuses.items()) if name != "ok")
+        return f"{statuses.get('ok', 0)} ok of {stats['rows']} rows" + (f" ({others})" if others else "")
+    if stage == "train":
+        summary = stats["summary"]
+        loss = f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
+        return f"{summary['examples']} examples, {summary['steps']} steps, {loss}"
+    if stage == "evaluate":
+        return (
+            ", ".join(f"{role} {value:.3f}" for role, value in _accuracy(run_dir).items())
+            + f" accuracy on {stats['examples']} examples"
+        )
+    return f"serving at {stats['url']}" if "url" in stats else ""

@@ -1,0 +1,51 @@
+"""Headless Chromium for tests: a page's DOM after its scripts ran, or a screenshot of it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+CHROMIUM = Path("/usr/bin/chromium")
+MISSING = f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)"
+
+
+def _run(html_path: Path, tmp_dir: Path, *arguments: str, timeout: float = 60) -> str:
+    """Run Chromium headless on a local file with a fresh profile, no network chatter; returns stdout."""
+    if not CHROMIUM.is_file():
+        raise FileNotFoundError(MISSING)
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_dir))
+    command = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *arguments,
+        Path(html_path).resolve().as_uri(),
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"chromium exited {result.returncode}: {result.stderr[-2000:]}")
+    return result.stdout
+
+
+def render(html_path: Path, tmp_dir: Path) -> str:
+    """The page's DOM after load (and its scripts) ran, as serialised HTML."""
+    return _run(html_path, tmp_dir, "--dump-dom")
+
+
+def screenshot(html_path: Path, tmp_dir: Path, png_path: Path, size: str = "1200,3000") -> Path:
+    """A PNG of the page at `size` (width,height in CSS pixels)."""
+    _run(html_path, tmp_dir, f"--screenshot={Path(png_path).resolve()}", f"--window-size={size}")
+    return Path(png_path)
