@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
     run.add_argument("--only", choices=STAGES, help="run this one stage (the ones before it must be finished)")
+    run.add_argument(
+        "--root", type=Path, help="directory relative output paths are under (default: here; a Ray job's submit dir)"
+    )
 
     status = commands.add_parser("status", help="each stage of a run: state, time, headline figures")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -210,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from rebase.pipeline import load_pipeline, run_pipeline
 
-    summary = run_pipeline(load_pipeline(args.pipeline), args.run_dir, args.from_stage, args.only)
+    summary = run_pipeline(load_pipeline(args.pipeline), args.run_dir, args.from_stage, args.only, args.root)
     print(summary.line())
     return 0
 

@@ -290,7 +290,7 @@ class PipelineConfig(StageConfig):
             if "path" in section:
                 if set(section) != {"path"}:
                     raise ValueError("datastore: give either path (an existing datastore) or build fields, not both")
-                return DatastoreConfig(sources=["existing"], out=Path(section["path"]).expanduser())
+                return DatastoreConfig(sources=["(existing)"], out=Path(section["path"]).expanduser())
             section.setdefault("out", run_dir / "datastore" / "store")
             section["out"] = Path(section["out"]).expanduser()
             return _validated(stage, DatastoreConfig, section)

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from rebase.config import EvaluateConfig
 from rebase.errors import RebaseError
-from rebase.io import write_json_atomic, write_parquet_atomic
+from rebase.io import check_stage_dir, write_json_atomic, write_parquet_atomic
 from rebase.task import STUDENT_STOP, TaskSpec, final_answer, load_task, match_label, normalise, student_prompt
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -170,7 +170,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
             raise RebaseError(f"--compare names the model under evaluation ({base}); name another")
         models[base] = "base" if config.compare == "base" or trained else "compare"
     out = config.out
-    _check_out(out)
+    check_stage_dir(out, _OWN_FILES, "a rebase evaluation")
     examples = read_eval_set(spec, task, config.limit)
     prompts = [student_prompt(task, example["input"], few_shot) for example in examples]
     params = GenerationParams(config.max_new_tokens, config.temperature, None, stop=STUDENT_STOP)
@@ -256,10 +256,3 @@ def _identity(model: str, engine: str) -> str:
 
 def _prompt_key(prompt: str, identity: str, settings: dict) -> str:
     return hashlib.sha256(json.dumps([prompt, identity, settings], sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise RebaseError(f"--out {out} is a file; choose a directory")
-    if out.exists() and {path.name for path in out.iterdir()} - _OWN_FILES:
-        raise RebaseError(f"--out {out} holds files that are not a rebase evaluation; choose another")

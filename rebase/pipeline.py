@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ import yaml
 
 from rebase.config import STAGES, PipelineConfig, build_config
 from rebase.errors import RebaseError
-from rebase.io import write_json_atomic
+from rebase.io import check_stage_dir, write_json_atomic
 
 _OWN_FILES = {"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES}
 
@@ -54,20 +55,34 @@ def load_pipeline(path: Path) -> PipelineConfig:
     return load_config(PipelineConfig, path)
 
 
-def resolve_run_dir(config: PipelineConfig, run_dir: Path | None) -> Path:
-    """--run-dir, else the file's run_dir, else out/runs/NAME; always absolute (Ray jobs change directory)."""
-    chosen = run_dir or config.run_dir or Path("out/runs") / config.name
-    return chosen.expanduser().resolve()
+def anchor_outputs(config: PipelineConfig, root: Path | None) -> PipelineConfig:
+    """The config with its output paths (run_dir, the datastore's out) made absolute under `root` (default:
+    the current directory). A Ray job runs in an uploaded copy of the working directory, so its outputs go
+    under the `--root` it is given instead, where they outlive the job."""
+    base = (root or Path.cwd()).expanduser().resolve()
+    run_dir = base / (config.run_dir or Path("out/runs") / config.name).expanduser()
+    datastore = dict(config.datastore)
+    for key in ("out", "path"):
+        if key in datastore:
+            datastore[key] = str(base / Path(datastore[key]).expanduser())
+    return config.model_copy(update={"run_dir": run_dir, "datastore": datastore})
 
 
 def run_pipeline(
-    config: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None, only: str | None = None
+    config: PipelineConfig,
+    run_dir: Path | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+    root: Path | None = None,
 ) -> RunSummary:
     """Run the pipeline's stages in order in the run directory; finished stages with the same settings
     are skipped, an unfinished one resumes. `from_stage` redoes that stage and all after it; `only` runs
-    one stage (its predecessors must be finished)."""
+    one stage (its predecessors must be finished). Relative output paths are under `root` (default: here)."""
     started = time.monotonic()
-    run_dir = resolve_run_dir(config, run_dir)
+    if run_dir is not None:
+        config = config.model_copy(update={"run_dir": run_dir})
+    config = anchor_outputs(config, root)
+    run_dir = config.run_dir
     stages = config.stages()
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in stages:
@@ -97,15 +112,21 @@ def run_pipeline(
         _mark(run_dir, state, stage, state="running", settings=settings, pid=os.getpid(), started=_now(), finished=None)
         stage_started = time.monotonic()
         try:
-            _run_stage(stage, stage_config, run_dir)
+            _run_stage(stage, stage_config, run_dir, existing_store="path" in config.datastore)
+        except KeyboardInterrupt:
+            if stage != "serve":
+                _mark(run_dir, state, stage, state="interrupted", finished=_now())
+                _write_report(run_dir)
+                raise
+            print("rebase: stopped serving", file=sys.stderr, flush=True)  # Ctrl-C is how serving ends
         except BaseException as error:
-            failed = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-            _mark(run_dir, state, stage, state=failed, error=str(error)[:500], finished=_now())
+            _mark(run_dir, state, stage, state="failed", error=str(error)[:500], finished=_now())
             _write_report(run_dir)
             raise
         seconds = round(time.monotonic() - stage_started, 1)
-        _mark(run_dir, state, stage, state="done", seconds=seconds, finished=_now(), error=None)
-        print(f"[{stage}] done in {seconds:.0f} s", flush=True)
+        finished = "stopped" if stage == "serve" else "done"
+        _mark(run_dir, state, stage, state=finished, seconds=seconds, finished=_now(), error=None)
+        print(f"[{stage}] {finished} after {seconds:.0f} s", flush=True)
         ran.append(stage)
         _write_report(run_dir)
     return RunSummary(config.name, run_dir, ran, skipped, time.monotonic() - started, _accuracy(run_dir))
@@ -124,9 +145,7 @@ def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
         raise RebaseError(f"{run_dir} is not empty and is no rebase run; choose another --run-dir")
     else:
         state = {"name": config.name, "task": str(config.task), "stages": {}}
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _OWN_FILES) if run_dir.exists() else []
-    if foreign:
-        raise RebaseError(f"{run_dir} holds files that are not the run's ({foreign[0]}); choose another --run-dir")
+    check_stage_dir(run_dir, _OWN_FILES, "a rebase run", flag="--run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(run_json, state)
@@ -158,10 +177,10 @@ def _settings_hash(stage_config) -> str:
     return hashlib.sha256(json.dumps(stage_config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _run_stage(stage: str, stage_config, run_dir: Path) -> None:
+def _run_stage(stage: str, stage_config, run_dir: Path, existing_store: bool) -> None:
     """Call the stage's own function (the same one its `rebase` command calls) and print its summary."""
     if stage == "datastore":
-        _datastore_stage(stage_config, run_dir / "datastore")
+        _datastore_stage(stage_config, run_dir / "datastore", build=not existing_store)
     elif stage == "retrieve":
         from rebase.retrieve import retrieve
         from rebase.task import load_task
@@ -190,16 +209,21 @@ def _run_stage(stage: str, stage_config, run_dir: Path) -> None:
         _serve_stage(stage_config, run_dir / "serve")
 
 
-def _datastore_stage(config, stage_dir: Path) -> None:
+def _datastore_stage(config, stage_dir: Path, build: bool) -> None:
     """Build (or only check, for `path:`) the datastore; the stage directory records where it is."""
     from rebase.datastore import build_datastore, datastore_info
 
-    if config.sources != ["existing"]:
-        print(build_datastore(config).line())
+    built = {}
+    if build:
+        summary = build_datastore(config)
+        print(summary.line())
+        built = {
+            "embedded": summary.embedded,
+            "build_seconds": {k: round(v, 1) for k, v in summary.stage_seconds.items()},
+        }
     info = datastore_info(config.out)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    counts = info["counts"]
-    stats = {"path": str(config.out), "embedder": info["embedder"]["name"], **counts}
+    stats = {"path": str(config.out), "embedder": info["embedder"]["name"], **info["counts"], **built}
     write_json_atomic(stage_dir / "stats.json", stats)
     (stage_dir / "_SUCCESS").write_text("")
 

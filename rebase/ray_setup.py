@@ -5,6 +5,18 @@ from __future__ import annotations
 import logging
 import os
 
+# Fault tolerance, chosen per kind of Ray work (README, "Fault tolerance", says the same for users).
+# Actor pools (embedding, teacher, evaluation): a dead actor (lost node, OOM kill) restarts, on another node
+# if need be, and the call it was running is retried. A retry cannot write twice: only the driver writes,
+# once a whole block or call has come back. Bounded, so a model that cannot load anywhere fails the stage
+# instead of restarting forever.
+POOL_RETRIES = {"max_restarts": 4, "max_task_retries": 4}
+# Retrieval's shard searchers hold an index shard in memory: a restart reloads it from disk, then the query
+# is retried.
+SEARCHER_RETRIES = {"max_restarts": 2, "max_task_retries": 2}
+# Plain tasks (index shard builds write their file atomically, so a retry rewrites the same file).
+TASK_RETRIES = 2
+
 
 def ensure_ray() -> None:
     """Start or join Ray once per process, quietly; safe to call from every stage."""
@@ -30,7 +42,10 @@ def quiet_ray_data() -> None:
     bury them, so they are off and Ray Data speaks only for warnings."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # A block that fails for a reason other than a lost process fails the stage: no row is dropped silently.
+    context.max_errored_blocks = 0
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

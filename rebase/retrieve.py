@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from rebase.datastore.index import merge_by_score
 from rebase.datastore.manifest import read_manifest
 from rebase.errors import RebaseError
-from rebase.io import embeddings_to_numpy, iter_parquet, write_json_atomic, write_parquet_atomic
+from rebase.io import check_stage_dir, embeddings_to_numpy, iter_parquet, write_json_atomic, write_parquet_atomic
 from rebase.models import canonical_model_name, resolve_model
 from rebase.task import TaskSpec, is_banned
 
@@ -348,19 +348,14 @@ def best_rows(pool: dict, top_k: int, per_dataset_cap: int | None = None) -> dic
 def _finished_retrieval(out: Path, fingerprint: str) -> dict | None:
     """The stats of a finished retrieval with the same inputs at `out`; None if there is none yet.
     A directory holding anything else is refused, so a different earlier result is never overwritten."""
-    if not out.exists():
-        return None
+    check_stage_dir(out, {"rows.parquet", "stats.json", "_SUCCESS"}, "a rebase retrieval")
     stats_path = out / "stats.json"
-    if (out / "_SUCCESS").exists() and stats_path.exists():
-        stats = json.loads(stats_path.read_text())
-        if stats.get("fingerprint") == fingerprint:
-            return stats
+    if not (out / "_SUCCESS").exists() or not stats_path.exists():
+        return None  # nothing yet, or an unfinished earlier attempt: redo it
+    stats = json.loads(stats_path.read_text())
+    if stats.get("fingerprint") != fingerprint:
         raise RebaseError(f"{out} holds a retrieval made with other inputs or settings; choose another --out")
-    if out.is_dir() and not any(out.iterdir()):
-        return None
-    if out.is_dir() and {p.name for p in out.iterdir()} <= {"rows.parquet", "stats.json"}:
-        return None  # an unfinished earlier attempt: redo it
-    raise RebaseError(f"--out {out} holds files that are not a rebase retrieval; choose another")
+    return stats
 
 
 # ---------------------------------------------------------------- approximate retrieval
@@ -475,14 +470,16 @@ class ApproximateIndex:
     def __init__(self, datastore: Path, per_value_rows: int | None = None):
         import ray
 
-        from rebase.ray_setup import ensure_ray
+        from rebase.ray_setup import SEARCHER_RETRIES, ensure_ray
 
         ensure_ray()
         manifest = read_manifest(datastore)
         shards = [datastore / "index" / s.file for e in manifest.sources if e.state == "complete" for s in e.shards]
         if not shards:
             raise RebaseError(f"{datastore} has no index shards; build it first")
-        actor = ray.remote(num_cpus=0)(ShardSearcher)  # held in memory, busy only while a query runs
+        actor = ray.remote(num_cpus=0, **SEARCHER_RETRIES)(
+            ShardSearcher
+        )  # held in memory, busy only while a query runs
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(shards))
         self.actors = [actor.remote(str(path), threads) for path in shards]
         self.cells = CellMap.load(datastore)

@@ -441,6 +441,8 @@ def _build_shards(out: Path, manifest: Manifest, entries: list[SourceEntry], con
     """One Ray task per shard: consecutive values blocks of a source, up to `shard_vectors` vectors each."""
     import ray
 
+    from rebase.ray_setup import TASK_RETRIES
+
     plans = []
     for entry in entries:
         blocks = [b for b in parquet_files(out / "values" / entry.key) if b.name != DESCRIPTIONS_BLOCK]
@@ -454,7 +456,7 @@ def _build_shards(out: Path, manifest: Manifest, entries: list[SourceEntry], con
     if not plans:
         return
     (out / "index").mkdir(exist_ok=True)
-    task = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+    task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(build_shard)
     futures = {
         task.remote(blocks, file, kind, manifest.embedder.dimension): entry for entry, blocks, file, kind in plans
     }

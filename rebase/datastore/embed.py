@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rebase.io import numpy_to_embeddings, parquet_rows, write_parquet_atomic
-from rebase.ray_setup import actor_pool
+from rebase.ray_setup import POOL_RETRIES, actor_pool
 
 
 class Embedder:
@@ -119,6 +119,7 @@ def embed_blocks(
         compute=actor_pool(concurrency),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
+        **POOL_RETRIES,
     )
     gathered: dict[str, list[pa.RecordBatch]] = {}
     counts: dict[str, int] = {}

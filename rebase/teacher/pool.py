@@ -18,7 +18,7 @@ from rebase.config import GenerationConfig
 from rebase.errors import RebaseError
 from rebase.io import write_parquet_atomic
 from rebase.progress import heartbeat, progress_bar
-from rebase.ray_setup import actor_pool
+from rebase.ray_setup import POOL_RETRIES, actor_pool
 from rebase.teacher.engines import GenerationParams, OpenAIEngine, make_engine
 
 ANSWER_SCHEMA = pa.schema(
@@ -148,6 +148,7 @@ class GenerationPool:
             num_gpus=self.gpus,
             num_cpus=self.cpus,
             **({"memory": self.memory} if self.memory else {}),
+            **POOL_RETRIES,
         )
         # prefetch_batches=0: each answer comes back as soon as its call ends (prefetching holds one back)
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from rebase.config import TransformConfig
 from rebase.errors import RebaseError
-from rebase.io import write_json_atomic, write_parquet_atomic
+from rebase.io import check_stage_dir, write_json_atomic, write_parquet_atomic
 from rebase.task import TaskSpec, load_task
 from rebase.teacher.engines import GenerationParams
 from rebase.teacher.parse import check_records, judge_verdict
@@ -183,13 +183,7 @@ def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str
 
 def _check_out(out: Path, fingerprint: str) -> None:
     """A new directory, an unfinished transform, or a finished one with the same inputs; nothing else."""
-    if out.exists() and not out.is_dir():
-        raise RebaseError(f"--out {out} is a file; choose a directory")
-    if not out.exists():
-        return  # created when the first answers are written, so a refused run leaves nothing behind
-    names = {path.name for path in out.iterdir()}
-    if names - _OWN_FILES:
-        raise RebaseError(f"--out {out} holds files that are not a rebase transform; choose another")
+    check_stage_dir(out, _OWN_FILES, "a rebase transform")
     stats_path = out / "stats.json"
     if stats_path.exists() and json.loads(stats_path.read_text()).get("fingerprint") != fingerprint:
         raise RebaseError(

@@ -1,0 +1,150 @@
+"""The pipeline as a Ray job: a head started on loopback by the test, `ray job submit` of the smoke pipeline,
+its driver killed in the middle, the same submission again resuming to SUCCEEDED, and the run's report
+opened in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from browser import render
+from openai import OpenAI
+from openai_server import free_port
+from smoke_pipeline import write_smoke_pipeline
+
+REPO = Path(__file__).parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` on 127.0.0.1 in its own process group; the dashboard (job server) address."""
+    port, dashboard = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    command += ["--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+    command += [f"--dashboard-port={dashboard}", "--disable-usage-stats"]
+    log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115 - open for the head's lifetime
+    head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while _ray(["job", "list", "--address", address], check=False).returncode != 0:
+            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head did not answer within 120 s"
+            time.sleep(2)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+
+
+def _ray(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([RAY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert not check or result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def _submit(address: str, job_id: str, pipeline: Path, root: Path) -> None:
+    _ray(
+        ["job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--working-dir", "."]
+        + ["--runtime-env", "jobs/runtime_env.yaml", "--", sys.executable, "jobs/pipeline.py", str(pipeline)]
+        + ["--root", str(root)]
+    )
+
+
+def _status(address: str, job_id: str) -> str:
+    return _ray(["job", "status", "--address", address, job_id]).stdout.strip().splitlines()[-1]
+
+
+def _wait_for(predicate, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def _stage_state(run_dir: Path, stage: str) -> str | None:
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        return None
+    return json.loads(run_json.read_text())["stages"].get(stage, {}).get("state")
+
+
+@pytest.mark.slow
+def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp_path):
+    pipeline = write_smoke_pipeline(tmp_path / "inputs")
+    root = tmp_path / "root"
+    run_dir = root / "out" / "runs" / "smoke"
+
+    _submit(ray_head, "smoke-1", pipeline, root)
+    _wait_for(lambda: _stage_state(run_dir, "train") == "running", "the train stage to start", 600)
+    # The job's driver is the `rebase run` process: kill it as a lost driver or a killed pod would die.
+    driver = json.loads((run_dir / "run.json").read_text())["stages"]["train"]["pid"]
+    os.kill(driver, signal.SIGKILL)
+    _wait_for(lambda: "FAILED" in _status(ray_head, "smoke-1"), "the killed job to fail", 120)
+    assert [_stage_state(run_dir, s) for s in ("datastore", "retrieve", "transform")] == ["done"] * 3
+    assert not (run_dir / "train" / "_SUCCESS").exists()
+
+    _submit(ray_head, "smoke-2", pipeline, root)
+    _wait_for(
+        lambda: "SUCCEEDED" in _status(ray_head, "smoke-2") or "FAILED" in _status(ray_head, "smoke-2"),
+        "the second job to finish",
+        900,
+    )
+    logs = _ray(["job", "logs", "--address", ray_head, "smoke-2"]).stdout
+    assert "SUCCEEDED" in _status(ray_head, "smoke-2"), logs[-3000:]
+    for stage in ("datastore", "retrieve", "transform"):
+        assert f"[{stage}] finished earlier" in logs
+    assert "[train] resuming" in logs and "[evaluate] starting" in logs
+    assert "run smoke: 2 stage(s) run, 3 already done" in logs
+
+    # Every stage finished in the run directory under --root, with its stats; rebase status agrees.
+    for stage in ("datastore", "retrieve", "transform", "train", "evaluate"):
+        assert (run_dir / stage / "_SUCCESS").exists() and (run_dir / stage / "stats.json").exists()
+    status = subprocess.run(
+        [sys.executable, "-m", "rebase", "status", str(run_dir), "--json"], capture_output=True, text=True, check=True
+    )
+    rows = json.loads(status.stdout)
+    assert [(row["stage"], row["state"]) for row in rows] == [
+        (stage, "done") for stage in ("datastore", "retrieve", "transform", "train", "evaluate")
+    ]
+    evaluated = json.loads((run_dir / "evaluate" / "stats.json").read_text())
+    assert sorted(evaluated["roles"].values()) == ["base", "student"] and evaluated["examples"] == 4
+
+    # The report of the finished run shows all six plots once a browser has laid them out.
+    dom = render(run_dir / "report.html", tmp_path / "browser")
+    assert 'data-rendered-plots="6"' in dom
+    assert "Student" in dom and "files/numbers" in dom
+
+    # The same pipeline with a serve section: every finished stage is skipped and the student is served
+    # until Ctrl-C, on the task's routes too.
+    port = free_port()
+    serving = write_smoke_pipeline(tmp_path / "inputs", serve={"port": port})
+    command = [sys.executable, "-m", "rebase", "run", str(serving), "--root", str(root), "--only", "serve"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: (run_dir / "serve" / "stats.json").exists() or server.poll() is not None, "serving", 300)
+        assert server.poll() is None, server.stdout.read()[-3000:]
+        url = json.loads((run_dir / "serve" / "stats.json").read_text())["url"]
+        assert url == f"http://127.0.0.1:{port}/v1"
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/tasks/parity/v1", api_key="unused")
+        answer = client.completions.create(model="train", prompt="Is 12 even?", max_tokens=4, temperature=0)
+        assert answer.choices[0].text.strip()
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=120)
+    assert server.returncode == 0, output[-3000:]
+    assert "rebase: stopped serving" in output
