@@ -7,13 +7,14 @@ import os
 
 # Fault tolerance, chosen per kind of Ray work (README, "Fault tolerance", says the same for users).
 # Actor pools (embedding, teacher, evaluation): a dead actor (lost node, OOM kill) restarts, on another node
-# if need be, and the call it was running is retried. A retry cannot write twice: only the driver writes,
-# once a whole block or call has come back. Bounded, so a model that cannot load anywhere fails the stage
-# instead of restarting forever.
-POOL_RETRIES = {"max_restarts": 4, "max_task_retries": 4}
+# if need be, up to 4 times, so a model that cannot load anywhere fails the stage instead of looping. The
+# call it was running is retried for as long as its actor lives (-1): each attempt made while the actor
+# is still restarting fails at once, so a bounded count ran out during a single node loss (tested). A retry
+# cannot write twice: only the driver writes, once a whole block or call has come back.
+POOL_RETRIES = {"max_restarts": 4, "max_task_retries": -1}
 # Retrieval's shard searchers hold an index shard in memory: a restart reloads it from disk, then the query
 # is retried.
-SEARCHER_RETRIES = {"max_restarts": 2, "max_task_retries": 2}
+SEARCHER_RETRIES = {"max_restarts": 2, "max_task_retries": -1}
 # Plain tasks (index shard builds write their file atomically, so a retry rewrites the same file).
 TASK_RETRIES = 2
 

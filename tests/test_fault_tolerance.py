@@ -38,7 +38,7 @@ def kill_an_embedding_node():
     # Once a few blocks are written, find a worker node that hosts a live embedding actor and kill it.
     while len(list((out / "values").glob("*/block-*.parquet"))) < 3:
         time.sleep(0.05)
-    by_id = {node.unique_id: node for node in workers}
+    by_id = {node.node_id: node for node in workers}
     for actor in list_actors(filters=[("state", "=", "ALIVE")]):
         if "Embedder" in actor.class_name and actor.node_id in by_id:
             events["blocks_before"] = len(list((out / "values").glob("*/block-*.parquet")))
