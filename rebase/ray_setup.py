@@ -28,7 +28,9 @@ def ensure_ray() -> None:
     # Ray's announced default: tasks that ask for no GPU keep the CUDA_VISIBLE_DEVICES they inherit.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
+        # RAY_ADDRESS (set inside a Ray job; `auto` joins what `ray start` started here), else a Ray of our own:
+        # never a stale or token-protected `ray start` head that Ray would otherwise pick up by itself.
+        address=os.environ.get("RAY_ADDRESS") or "local",
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (without
         # it, a warning every few seconds for as long as the process lives); it listens on 127.0.0.1.
         include_dashboard=True,

@@ -15,6 +15,7 @@ def _run(html_path: Path, tmp_dir: Path, *arguments: str, timeout: float = 60) -
     """Run Chromium headless on a local file with a fresh profile, no network chatter; returns stdout."""
     if not CHROMIUM.is_file():
         raise FileNotFoundError(MISSING)
+    Path(tmp_dir).mkdir(parents=True, exist_ok=True)
     profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_dir))
     command = [
         str(CHROMIUM),
