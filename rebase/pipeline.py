@@ -87,6 +87,11 @@ def run_pipeline(
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in stages:
             raise RebaseError(f"{name} {value}: this pipeline's stages are {', '.join(stages)}")
+    from rebase.task import load_task
+
+    load_task(config.task)  # a bad task file fails now, not after the datastore is built
+    if "path" in config.datastore and not (Path(config.datastore["path"]) / "manifest.json").exists():
+        raise RebaseError(f"datastore path {config.datastore['path']} is not a datastore (no manifest.json)")
     state = _open_run_dir(run_dir, config)
     if from_stage is not None:
         _forget(run_dir, state, stages[stages.index(from_stage) :])

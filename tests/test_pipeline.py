@@ -126,3 +126,18 @@ def test_stages_run_skip_and_redo_on_real_ray(tmp_path, capsys):
     assert [rows[s]["state"] for s in ("transform", "train", "evaluate")] == ["not started"] * 3
     printed = rebase("status", str(run_dir))
     assert printed.returncode == 0 and printed.stdout.splitlines()[1].startswith("retrieve   done")
+
+
+def test_a_bad_task_file_or_datastore_path_fails_before_any_stage(tmp_path):
+    pipeline = write_smoke_pipeline(tmp_path / "in")
+    values = yaml.safe_load(pipeline.read_text())
+    values["task"] = str(tmp_path / "missing.yaml")
+    pipeline.write_text(yaml.safe_dump(values))
+    result = rebase("run", str(pipeline), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "missing.yaml" in result.stderr and not (tmp_path / "run").exists()
+    values = yaml.safe_load(write_smoke_pipeline(tmp_path / "in").read_text())
+    values["datastore"] = {"path": str(tmp_path / "nowhere")}
+    with pytest.raises(RebaseError, match="nowhere is not a datastore"):
+        run_pipeline(build_config(PipelineConfig, values), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
