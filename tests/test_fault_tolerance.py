@@ -35,17 +35,21 @@ events = {}
 
 
 def kill_an_embedding_node():
-    # Once a few blocks are written, find a worker node that hosts a live embedding actor and kill it.
-    while len(list((out / "values").glob("*/block-*.parquet"))) < 3:
+    # Once a few blocks are written, kill a worker node that hosts a live embedding actor (looking again
+    # until one is listed: the state API can lag behind the scheduler).
+    values = out / "values"
+    while len(list(values.glob("*/block-*.parquet"))) < 3:
         time.sleep(0.05)
     by_id = {node.node_id: node for node in workers}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-        if "Embedder" in actor.class_name and actor.node_id in by_id:
-            events["blocks_before"] = len(list((out / "values").glob("*/block-*.parquet")))
-            cluster.remove_node(by_id[actor.node_id], allow_graceful=False)
-            events["removed"] = actor.node_id
-            cluster.add_node(num_cpus=1)
-            return
+    while "done" not in events:
+        for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+            if "Embedder" in actor.class_name and actor.node_id in by_id:
+                events["blocks_before"] = len(list(values.glob("*/block-*.parquet")))
+                cluster.remove_node(by_id[actor.node_id], allow_graceful=False)
+                events["removed"] = actor.node_id
+                cluster.add_node(num_cpus=1)
+                return
+        time.sleep(0.2)
 
 
 killer = threading.Thread(target=kill_an_embedding_node, daemon=True)
@@ -54,6 +58,7 @@ config = DatastoreConfig(
     sources=[f"files:{data}"], out=out, block_rows=16, embed_concurrency=(2, 2), embed_threads=1, embed_batch_size=16
 )
 summary = build_datastore(config)
+events["done"] = True
 killer.join(timeout=5)
 events["blocks_total"] = len(list((out / "values").glob("*/block-*.parquet")))
 events["counts"] = datastore_info(out)["counts"]

@@ -73,10 +73,11 @@ def _submit(address: str, job_id: str, pipeline: Path, root: Path) -> None:
     command = ["job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--working-dir", "."]
     command += ["--runtime-env", "jobs/runtime_env.yaml", "--", sys.executable, "jobs/pipeline.py", str(pipeline)]
     command += ["--root", str(root)]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     # A fresh head answers `ray job list` a little before its job agent takes submissions.
-    while "No available agent" in (result := _ray(command, check=False)).stderr and time.monotonic() < deadline:
-        time.sleep(2)
+    while (result := _ray(command, check=False)).returncode != 0 and time.monotonic() < deadline:
+        assert "No available agent" in result.stdout + result.stderr, result.stdout[-2000:] + result.stderr[-2000:]
+        time.sleep(3)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
