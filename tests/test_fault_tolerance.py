@@ -15,7 +15,7 @@ import pytest
 from conftest import write_jsonl
 
 SCRIPT = r"""
-import json, sys, threading, time
+import json, socket, sys, threading, time
 from pathlib import Path
 
 import ray
@@ -23,7 +23,14 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 out, data = Path(sys.argv[1]), Path(sys.argv[2])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+# A dashboard port of its own: another Ray on this machine (the test session's) may hold the default, and
+# the state API below must ask this cluster, not that one.
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    dashboard_port = sock.getsockname()[1]
+cluster = Cluster(
+    initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": dashboard_port}
+)
 workers = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
@@ -42,7 +49,7 @@ def kill_an_embedding_node():
         time.sleep(0.05)
     by_id = {node.node_id: node for node in workers}
     while "done" not in events:
-        for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+        for actor in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")]):
             if "Embedder" in actor.class_name and actor.node_id in by_id:
                 events["blocks_before"] = len(list(values.glob("*/block-*.parquet")))
                 cluster.remove_node(by_id[actor.node_id], allow_graceful=False)
