@@ -42,6 +42,11 @@ def ray_head(tmp_path):
     command = [RAY, "start", "--head", "--block", f"--port={port}", f"--temp-dir={temp_dir}"]
     command += ["--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
     command += [f"--dashboard-port={dashboard}", "--disable-usage-stats"]
+    # The agents' default ports are taken when another Ray runs here (the test session's own): a head whose
+    # job agent cannot bind answers "No available agent" to every submission.
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"):
+        command.append(f"--{flag}={free_port()}")
+    command.append(f"--runtime-env-agent-port={free_port()}")
     log = open(tmp_path / "ray-head.log", "w")  # noqa: SIM115 - open for the head's lifetime
     head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=RAY_ENV, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
