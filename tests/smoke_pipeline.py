@@ -5,10 +5,10 @@ it); the task asks whether a number is even; training and evaluation are cut to 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
+from conftest import write_jsonl
 
 TASK = {
     "name": "parity",
@@ -23,27 +23,23 @@ TASK = {
 }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
 def write_smoke_pipeline(root: Path, name: str = "smoke", **sections) -> Path:
     """Data, task file and pipeline file under `root`; `sections` replace whole pipeline sections."""
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(
+    write_jsonl(
         data / "numbers.jsonl",
         [{"question": f"Is {n} an even number?", "answer": "yes" if n % 2 == 0 else "no"} for n in range(40, 64)],
     )
     (data / "numbers.jsonl.description.txt").write_text("Questions about whether whole numbers are even or odd.")
-    _write_jsonl(
+    write_jsonl(
         data / "planets.jsonl",
         [{"question": f"Which planet is number {i} from the sun?", "answer": f"planet {i}"} for i in range(1, 9)],
     )
     (data / "planets.jsonl.description.txt").write_text("Questions about the planets of the solar system.")
     held_out = root / "held_out"
     held_out.mkdir(exist_ok=True)
-    _write_jsonl(
+    write_jsonl(
         held_out / "held_out.jsonl",
         [{"input": f"Is {n} even?", "output": "Yes" if n % 2 == 0 else "No"} for n in range(100, 106)],
     )
