@@ -5,9 +5,9 @@
 The datastore is synthetic at scale (stated in the output): random rows of four cells whose vectors come
 from 2,000 topic clusters (384 dimensions, unit length), 1,000 datasets with description vectors, and
 a few label values repeated across many rows, written in rebase's on-disk layout and indexed with the
-real shard builder: by default exact flat shards of 150,000 vectors (the approximation measured is
-then the candidate step alone); `--index auto --shard-vectors 1000000` groups and picks kinds as
-`rebase datastore build` does by default (one IVF shard here). The query is a task whose example
+real shard builder, grouped and typed as `rebase datastore build` does by default (`--index auto
+--shard-vectors 1000000`: one IVF shard here); `--index flat --shard-vectors 150000` gives exact flat
+shards, where the approximation measured is the candidate step alone. The query is a task whose example
 inputs and outputs come from two topics. Both modes run in this process on the same store:
 - exact: `exact_pool`, streaming every values block and every cells part from disk;
 - approximate: `ApproximateIndex` (one Ray actor per shard, cell map in memory), timed warm (the
@@ -144,14 +144,60 @@ def make_store(out: Path, rows: int, rng: np.random.Generator, shard_vectors: in
     return {"topics": topics, "descriptions": descriptions, "datasets": datasets, "labels": labels}
 
 
+def compare_on_tasks(store: Path, top_k: int, limit: int, depth: int, dataset_rows: int) -> dict:
+    """Overlap@K and latency of the two modes on a real datastore, for each shipped task; also the
+    overlap of the cell candidates alone (no description candidates), to show what they add."""
+    from sentence_transformers import SentenceTransformer
+
+    from rebase.datastore.manifest import read_manifest
+    from rebase.models import resolve_model
+    from rebase.retrieve import description_similarities, task_query
+    from rebase.task import load_task
+
+    manifest = read_manifest(store)
+    model = SentenceTransformer(str(resolve_model(manifest.embedder.name)))
+    dimension = manifest.embedder.dimension
+    results = {"shards": [s.model_dump() for e in manifest.sources for s in e.shards]}
+    with ApproximateIndex(store) as index:
+        for path in sorted((Path(__file__).parent.parent / "jobs" / "tasks").glob("*.yaml")):
+            task = load_task(path)
+            query = task_query(task, lambda t: model.encode(t, normalize_embeddings=True, convert_to_numpy=True))
+            description_by_id = description_similarities(store, query, dimension)
+            started = time.monotonic()
+            exact = set(
+                best_rows(exact_pool(store, query, task.ban, description_by_id, limit, dimension), top_k)["row_uid"]
+            )
+            exact_seconds = time.monotonic() - started
+            index.pool(query, task.ban, description_by_id, limit, depth, dataset_rows)  # warm
+            started = time.monotonic()
+            approximate = best_rows(index.pool(query, task.ban, description_by_id, limit, depth, dataset_rows), top_k)
+            approximate_seconds = time.monotonic() - started
+            cells_only = best_rows(index.pool(query, task.ban, description_by_id, limit, depth, 0), top_k)
+            k = min(top_k, len(exact))
+            results[task.name] = {
+                "exact_seconds": round(exact_seconds, 3),
+                "approximate_seconds": round(approximate_seconds, 3),
+                "overlap_at_k": round(len(exact & set(approximate["row_uid"])) / k, 4),
+                "overlap_at_k_cells_only": round(len(exact & set(cells_only["row_uid"])) / k, 4),
+            }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=250_000)
     parser.add_argument("--top-k", type=int, default=3000)
     parser.add_argument("--depth", type=int, default=4000)
-    parser.add_argument("--shard-vectors", type=int, default=150_000, help="as DatastoreConfig.shard_vectors")
-    parser.add_argument("--index", default="flat", choices=["auto", "flat", "ivf", "hnsw"])
+    parser.add_argument("--dataset-rows", type=int, help="as `rebase retrieve --dataset-rows` (default 2 x top-k)")
+    parser.add_argument(
+        "--tasks-store",
+        type=Path,
+        help="also compare the modes on a real (text) datastore for every shipped task in jobs/tasks",
+    )
+    parser.add_argument("--shard-vectors", type=int, default=1_000_000, help="as DatastoreConfig.shard_vectors")
+    parser.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "hnsw"])
     args = parser.parse_args()
+    dataset_rows = 2 * args.top_k if args.dataset_rows is None else args.dataset_rows
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=os.environ.get("REBASE_BENCH_TMP")) as tmp:
         out = Path(tmp) / "store"
@@ -180,7 +226,7 @@ def main() -> None:
                 timings = []
                 for _ in range(5):
                     started = time.monotonic()
-                    approximate = top(index.pool(query, [], description_by_id, limit, args.depth))
+                    approximate = top(index.pool(query, [], description_by_id, limit, args.depth, dataset_rows))
                     timings.append(time.monotonic() - started)
         warm = float(np.median(timings))
         report = {
@@ -194,6 +240,7 @@ def main() -> None:
             "store_write_seconds": round(build_seconds, 1),
             "top_k": args.top_k,
             "depth": args.depth,
+            "dataset_rows": dataset_rows,
             "exact_seconds": round(exact_seconds, 3),
             "approximate_warm_seconds_median_of_5": round(warm, 3),
             "approximate_load_seconds": round(load_seconds, 2),
@@ -203,6 +250,8 @@ def main() -> None:
             "exact_peak_rss_mb": round(exact_memory.peak / 1e6),
             "approximate_peak_rss_mb": round(approximate_memory.peak / 1e6),
         }
+    if args.tasks_store:
+        report["tasks_store"] = compare_on_tasks(args.tasks_store, args.top_k, limit, args.depth, dataset_rows)
     print(json.dumps(report, indent=2))
     print(
         f"retrieval: approximate is {report['speedup_warm']}x faster than exact (warm), overlap@{args.top_k} "

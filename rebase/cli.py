@@ -46,12 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-vectors", type=int, dest="shard_vectors")
 
     retrieve = commands.add_parser("retrieve", help="score every datastore row for a task; keep the top K")
-    retrieve.add_argument("--datastore", type=Path, required=True)
-    retrieve.add_argument("--task", type=Path, required=True, help="task YAML file")
-    retrieve.add_argument("--out", type=Path, required=True, help="retrieved directory to write")
-    retrieve.add_argument("--top-k", type=int, default=3000, dest="top_k")
-    retrieve.add_argument("--exact", action="store_true", help="score every row (default: ANN candidates)")
-    retrieve.add_argument("--depth", type=int, default=4000, help="nearest values per query vector and shard")
+    retrieve.add_argument("--config", type=Path, help="YAML file of RetrieveConfig fields; flags override it")
+    retrieve.add_argument("--datastore", type=Path)
+    retrieve.add_argument("--task", type=Path, help="task YAML file")
+    retrieve.add_argument("--out", type=Path, help="retrieved directory to write")
+    retrieve.add_argument("--top-k", type=int, dest="top_k", help="rows to keep (default 3000)")
+    retrieve.add_argument("--exact", action="store_const", const=True, help="score every row (default: ANN candidates)")
+    retrieve.add_argument("--depth", type=int, help="nearest values per query vector and shard (default 4000)")
+    retrieve.add_argument(
+        "--dataset-rows",
+        type=int,
+        dest="dataset_rows",
+        help="rows of the datasets whose descriptions are closest to the instruction, also re-scored "
+        "(default 2 x top-k)",
+    )
     retrieve.add_argument("--per-dataset-cap", type=int, dest="per_dataset_cap", help="most rows from one dataset")
     retrieve.add_argument("--embedder", help="must match the datastore's embedder")
 
@@ -266,20 +274,10 @@ def _datastore_info(args: argparse.Namespace) -> int:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from rebase.retrieve import retrieve
-    from rebase.task import load_task
+    from rebase.config import RetrieveConfig
+    from rebase.retrieve import retrieve_stage
 
-    if args.top_k < 1:
-        raise RebaseError("--top-k must be at least 1")
-    if args.per_dataset_cap is not None and args.per_dataset_cap < 1:
-        raise RebaseError("--per-dataset-cap must be at least 1")
-    if args.depth < 1:
-        raise RebaseError("--depth must be at least 1")
-    task = load_task(args.task)
-    summary = retrieve(
-        args.datastore, task, args.out, args.top_k, args.per_dataset_cap, args.embedder, args.exact, args.depth
-    )
-    print(summary.line())
+    print(retrieve_stage(_stage_config(RetrieveConfig, args, "--datastore DIR, --task TASK.yaml and --out DIR")).line())
     return 0
 
 

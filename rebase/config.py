@@ -230,6 +230,12 @@ class RetrieveConfig(StageConfig):
     top_k: int = Field(3000, ge=1)
     exact: bool = Field(False, description="score every row instead of re-scoring ANN candidates")
     depth: int = Field(4000, ge=1, description="nearest values per query vector and index shard")
+    dataset_rows: int | None = Field(
+        None,
+        ge=0,
+        description="approximate mode also re-scores the rows of the datasets whose descriptions are closest "
+        "to the instruction, this many rows in all (default: 2 x top_k)",
+    )
     per_dataset_cap: int | None = Field(None, ge=1, description="most rows from one dataset")
     embedder: str | None = Field(None, description="must match the datastore's embedder")
 

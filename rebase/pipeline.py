@@ -187,15 +187,9 @@ def _run_stage(stage: str, stage_config, run_dir: Path, existing_store: bool) ->
     if stage == "datastore":
         _datastore_stage(stage_config, run_dir / "datastore", build=not existing_store)
     elif stage == "retrieve":
-        from rebase.retrieve import retrieve
-        from rebase.task import load_task
+        from rebase.retrieve import retrieve_stage
 
-        c = stage_config
-        print(
-            retrieve(
-                c.datastore, load_task(c.task), c.out, c.top_k, c.per_dataset_cap, c.embedder, c.exact, c.depth
-            ).line()
-        )
+        print(retrieve_stage(stage_config).line())
     elif stage == "transform":
         from rebase.teacher import transform
 

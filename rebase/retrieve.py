@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,9 @@ from rebase.errors import RebaseError
 from rebase.io import check_stage_dir, embeddings_to_numpy, iter_parquet, write_json_atomic, write_parquet_atomic
 from rebase.models import canonical_model_name, resolve_model
 from rebase.task import TaskSpec, is_banned
+
+if TYPE_CHECKING:
+    from rebase.config import RetrieveConfig
 
 __all__ = [
     "TaskQuery",
@@ -79,6 +83,14 @@ def row_maxima(row_codes: np.ndarray, similarities: np.ndarray, num_rows: int) -
     return maxima
 
 
+def group_maxima(starts: np.ndarray, similarities: np.ndarray) -> np.ndarray:
+    """Like `row_maxima` for cells already grouped by row, each row's cells from its entry of `starts`
+    (increasing, every row with at least one cell) to the next: one reduction, no scatter."""
+    if not len(starts):
+        return np.zeros((0, similarities.shape[1]), np.float32)
+    return np.maximum.reduceat(similarities, starts, axis=0).astype(np.float32, copy=False)
+
+
 def rebase_scores(input_max: np.ndarray, output_max: np.ndarray, description: np.ndarray) -> np.ndarray:
     """The ReBase row score: the mean of the three partial scores."""
     return (input_max + output_max + description) / 3.0
@@ -101,7 +113,9 @@ def select_rows(
     banned: dict[str, bool] = {}
     for index in order:
         dataset_id = dataset_ids[index]
-        if banned.setdefault(dataset_id, is_banned(dataset_id, list(bans))):
+        if dataset_id not in banned:
+            banned[dataset_id] = is_banned(dataset_id, bans)
+        if banned[dataset_id]:
             continue
         if duplicate_keys[index] in seen:
             continue
@@ -180,7 +194,7 @@ def _row_blocks(datastore: Path, value_ids: np.ndarray, value_sims: np.ndarray):
         uids, starts, codes, keys = _rows_of_cells(table)
         positions = np.searchsorted(value_ids, table.column("value_id").to_numpy())
         sims = value_sims[np.minimum(positions, len(value_ids) - 1)]
-        maxima = row_maxima(codes, sims, len(starts))
+        maxima = group_maxima(starts, sims)
         block = {
             "row_uid": uids[starts],
             "dataset_id": table.column("dataset_id").to_numpy(zero_copy_only=False)[starts],
@@ -251,13 +265,18 @@ def retrieve(
     exact: bool = False,
     depth: int = 4000,
     pool_factor: int = 4,
+    dataset_rows: int | None = None,
 ) -> RetrieveSummary:
     """Retrieve the top K rows of the datastore for a task and write the retrieved directory.
 
     Exact mode scores every row, streaming over the store. Approximate mode (default) takes the `depth`
     nearest cell values of each query vector from every index shard in parallel, gathers the rows holding
-    them and re-scores those rows exactly. Either way the best `pool_factor * top_k` unbanned rows are
-    kept, then duplicates and the per-dataset cap are applied, best first."""
+    them, adds the rows of the datasets whose descriptions are closest to the instruction (`dataset_rows`
+    rows in all, default 2 * top_k: a third of the score is the description's, and rows it carries can
+    have no near cell) and re-scores those rows exactly. Either way the best `pool_factor * top_k`
+    unbanned rows are kept, then duplicates and the per-dataset cap are applied, best first."""
+    if dataset_rows is None:
+        dataset_rows = 2 * top_k
     started = time.monotonic()
     manifest = read_manifest(datastore)
     if embedder is not None and canonical_model_name(embedder) != manifest.embedder.name:
@@ -280,6 +299,7 @@ def retrieve(
                 mode,
                 None if exact else depth,
                 pool_factor,
+                None if exact else dataset_rows,
             ]
         ).encode()
     ).hexdigest()
@@ -310,7 +330,7 @@ def retrieve(
         pool = exact_pool(datastore, query, task.ban, description_by_id, limit, dimension)
     else:
         with ApproximateIndex(datastore) as index:
-            pool = index.pool(query, task.ban, description_by_id, limit, depth)
+            pool = index.pool(query, task.ban, description_by_id, limit, depth, dataset_rows)
     if pool is None or not len(pool["score"]):
         raise RebaseError(f"every row of {datastore} is banned by the task; nothing to retrieve")
     selected = best_rows(pool, top_k, per_dataset_cap)
@@ -324,6 +344,7 @@ def retrieve(
         "per_dataset_cap": per_dataset_cap,
         "mode": mode,
         "depth": None if exact else depth,
+        "dataset_rows": None if exact else dataset_rows,
         "ban": task.ban,
         "rows": len(selected["row_uid"]),
         "datasets": dict(top_datasets),
@@ -337,11 +358,38 @@ def retrieve(
     )
 
 
+def retrieve_stage(config: RetrieveConfig) -> RetrieveSummary:
+    """`retrieve` as `rebase retrieve` and the pipeline's retrieve stage call it."""
+    from rebase.task import load_task
+
+    c = config
+    return retrieve(
+        c.datastore,
+        load_task(c.task),
+        c.out,
+        c.top_k,
+        c.per_dataset_cap,
+        c.embedder,
+        c.exact,
+        c.depth,
+        dataset_rows=c.dataset_rows,
+    )
+
+
 def best_rows(pool: dict, top_k: int, per_dataset_cap: int | None = None) -> dict:
     """The pool's top K rows after duplicates and the cap, best first; equal scores by row_uid, so runs agree."""
-    order = np.lexsort((pool["row_uid"].astype(str), -pool["score"]))
+    order = np.argsort(-pool["score"], kind="stable")
+    scores = pool["score"][order]
+    tied = np.r_[False, scores[1:] == scores[:-1]] | np.r_[scores[:-1] == scores[1:], False]
+    if tied.any():  # equal scores (duplicate rows, shared cells): only those are ordered by row_uid
+        where = np.flatnonzero(tied)
+        group = np.cumsum(np.r_[True, scores[1:] != scores[:-1]])[where]
+        order[where] = order[where][np.lexsort((pool["row_uid"][order[where]].astype(str), group))]
     pool = {name: values[order] for name, values in pool.items()}
-    chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
+    if per_dataset_cap is None:  # duplicates alone: each key's first (best) row, in one step
+        chosen = np.sort(np.unique(pool["key"], return_index=True)[1])[:top_k]
+    else:
+        chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
     return {name: values[chosen] for name, values in pool.items()}
 
 
@@ -380,6 +428,8 @@ def _shard_ids(index) -> np.ndarray:
 class ShardSearcher:
     """One index shard held in memory (a Ray actor per shard): nearest values, and vectors by id."""
 
+    CHUNK = 1024  # vectors re-scored at a time (1.5 MB at 384 dimensions)
+
     def __init__(self, path: str, threads: int = 1):
         import faiss
 
@@ -388,18 +438,42 @@ class ShardSearcher:
         faiss.omp_set_num_threads(threads)  # several shards share a node's cores: no oversubscription
         self.index = load_shard(Path(path))
         self.ids = np.sort(_shard_ids(self.index))
+        self.threads = threads
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (queries, k): this shard's nearest values, -1 ids where it has fewer."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, len(self.ids)))
 
     def similarities(self, value_ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the given ids this shard holds: the ids and their dot products with the queries."""
+        """For the given ids, those this shard holds: their positions in `value_ids`, and their dot products
+        with the queries."""
+        from concurrent.futures import ThreadPoolExecutor
+
         positions = np.minimum(np.searchsorted(self.ids, value_ids), len(self.ids) - 1)
-        mine = value_ids[self.ids[positions] == value_ids]
-        if not len(mine):
-            return mine, np.zeros((0, len(queries)), np.float32)
-        return mine, self.index.reconstruct_batch(mine) @ np.asarray(queries, dtype=np.float32).T
+        held = np.flatnonzero(self.ids[positions] == value_ids)
+        mine = value_ids[held]
+        queries_t = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).T)
+        sims = np.empty((len(mine), queries_t.shape[1]), np.float32)
+        # In chunks through a small buffer per thread that stays in cache: reconstructing tens of thousands
+        # of vectors into one fresh array cost 3 to 5 times as much (page faults, memory traffic). FAISS and
+        # numpy release the GIL, so the shard's threads share the chunks.
+        workers = max(1, min(self.threads, -(-len(mine) // self.CHUNK)))
+        bounds = np.linspace(0, len(mine), workers + 1).astype(int)
+
+        def rescore(lo: int, hi: int) -> None:
+            buffer = np.empty((self.CHUNK, self.index.d), np.float32)
+            for start in range(lo, hi, self.CHUNK):
+                part = mine[start : min(start + self.CHUNK, hi)]
+                vectors = buffer[: len(part)]
+                self.index.reconstruct_batch(part, vectors)
+                np.matmul(vectors, queries_t, out=sims[start : start + len(part)])
+
+        if workers == 1:
+            rescore(0, len(mine))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(rescore, bounds[:-1], bounds[1:]))
+        return held, sims
 
 
 @dataclass
@@ -415,6 +489,8 @@ class CellMap:
     cell_values: np.ndarray
     sorted_values: np.ndarray
     sorted_rows: np.ndarray
+    dataset_rows: np.ndarray  # row numbers grouped by dataset code
+    dataset_offsets: np.ndarray  # dataset code c holds dataset_rows[dataset_offsets[c]:dataset_offsets[c + 1]]
 
     @classmethod
     def load(cls, datastore: Path) -> CellMap:
@@ -438,30 +514,48 @@ class CellMap:
             cell_values=values,
             sorted_values=values[order],
             sorted_rows=row_of_cell[order],
+            dataset_rows=np.argsort(dataset_codes, kind="stable"),
+            dataset_offsets=np.r_[0, np.cumsum(np.bincount(dataset_codes, minlength=len(dataset_names)))],
         )
 
-    def rows_holding(self, value_ids: np.ndarray, per_value: int, priority: np.ndarray) -> np.ndarray:
+    def rows_of_best_datasets(self, dataset_priority: np.ndarray, budget: int) -> np.ndarray:
+        """Rows of the datasets of highest priority (never -inf), whole datasets in priority order while
+        the rows taken stay within `budget` (the first dataset's first `budget` rows if it alone is more)."""
+        codes = np.argsort(-dataset_priority, kind="stable")
+        codes = codes[np.isfinite(dataset_priority[codes])]
+        sizes = np.diff(self.dataset_offsets)[codes]
+        taken = codes[np.cumsum(sizes) <= budget]
+        if not len(taken):
+            first = codes[:1]
+            return self.dataset_rows[self.dataset_offsets[first[0]] :][:budget] if len(first) else taken
+        return self.dataset_rows[_ranges(self.dataset_offsets[taken], sizes[: len(taken)])]
+
+    def rows_holding(self, value_ids: np.ndarray, per_value: int, dataset_priority: np.ndarray) -> np.ndarray:
         """Rows with any of the values. A value held by more than `per_value` rows (a label such as "Yes"
-        repeats millions of times) contributes its `per_value` rows of highest `priority`; rows whose
-        priority is -inf (banned) are never taken."""
+        repeats millions of times) contributes its `per_value` rows whose dataset has the highest priority;
+        rows of a dataset whose priority is -inf (banned) are never taken."""
         lo = np.searchsorted(self.sorted_values, value_ids, side="left")
         hi = np.searchsorted(self.sorted_values, value_ids, side="right")
-        spans = []
-        for a, b in zip(lo, hi):
+        counts = hi - lo
+        light = counts <= per_value  # most values: every row holding them, gathered in one step
+        spans = [self.sorted_rows[_ranges(lo[light], counts[light])]]
+        for a, b in zip(lo[~light], hi[~light]):  # the few shared values: their best rows
             rows = self.sorted_rows[a:b]
-            if b - a > per_value:
-                rows = rows[np.argpartition(-priority[rows], per_value - 1)[:per_value]]
-            spans.append(rows)
-        rows = np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
-        return rows[np.isfinite(priority[rows])]
+            priority = dataset_priority[self.row_dataset_codes[rows]]
+            spans.append(rows[np.argpartition(-priority, per_value - 1)[:per_value]])
+        rows = np.unique(np.concatenate(spans))
+        return rows[np.isfinite(dataset_priority[self.row_dataset_codes[rows]])]
 
     def cells_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position of each cell's row in `rows`, value id) for every cell of the rows."""
+        """The value ids of every cell of the rows, row after row, and where each row's cells start."""
         counts = self.row_offsets[rows + 1] - self.row_offsets[rows]
-        owner = np.repeat(np.arange(len(rows)), counts)
-        first = np.repeat(self.row_offsets[rows], counts)
-        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        return owner, self.cell_values[first + within]
+        return np.cumsum(counts) - counts, self.cell_values[_ranges(self.row_offsets[rows], counts)]
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The positions start, start+1, ..., start+count-1 of every (start, count), concatenated."""
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + within
 
 
 class ApproximateIndex:
@@ -495,8 +589,17 @@ class ApproximateIndex:
             ray.kill(actor)
 
     def pool(
-        self, query: TaskQuery, bans: Sequence[str], description_by_id: dict[str, float], limit: int, depth: int
+        self,
+        query: TaskQuery,
+        bans: Sequence[str],
+        description_by_id: dict[str, float],
+        limit: int,
+        depth: int,
+        dataset_rows: int = 0,
     ) -> dict | None:
+        """The best `limit` unbanned rows among the candidates, re-scored exactly: the rows holding the
+        `depth` nearest values of each query, and `dataset_rows` rows of the datasets whose descriptions
+        are closest to the instruction (whole datasets, best first)."""
         import ray
 
         queries = np.stack([query.input, query.output])
@@ -511,30 +614,31 @@ class ApproximateIndex:
         # A value shared by many rows (a label) brings at most as many rows as the pool keeps, those of the
         # most relevant datasets first: beyond that its rows could not all make the pool anyway.
         per_value = self.per_value_rows or limit
-        rows = self.cells.rows_holding(candidates, per_value, per_dataset[self.cells.row_dataset_codes])
+        rows = self.cells.rows_holding(candidates, per_value, per_dataset)
+        if dataset_rows:
+            rows = np.union1d(rows, self.cells.rows_of_best_datasets(per_dataset, dataset_rows))
         if not len(rows):
             return None
-        owner, values = self.cells.cells_of(rows)
+        starts, values = self.cells.cells_of(rows)
         unique_values, inverse = np.unique(values, return_inverse=True)
-        parts = ray.get([actor.similarities.remote(unique_values, queries) for actor in self.actors])
-        ids = np.concatenate([p[0] for p in parts])
-        sims = np.concatenate([p[1] for p in parts]).astype(np.float32)
-        order = np.argsort(ids)
-        position = np.searchsorted(ids[order], unique_values)
-        cell_sims = sims[order][position][inverse]
-        maxima = row_maxima(owner, cell_sims, len(rows))
-        block = {
+        value_sims = np.full((len(unique_values), len(queries)), -np.inf, np.float32)
+        for held, sims in ray.get([actor.similarities.remote(unique_values, queries) for actor in self.actors]):
+            value_sims[held] = sims
+        maxima = group_maxima(starts, value_sims[inverse])
+        description = per_dataset[self.cells.row_dataset_codes[rows]]  # finite: banned rows were never taken
+        scores = rebase_scores(maxima[:, 0], maxima[:, 1], description)
+        if len(scores) > limit:  # the best `limit` rows, before gathering their ids
+            best = np.argpartition(-scores, limit)[:limit]
+            rows, maxima, description, scores = rows[best], maxima[best], description[best], scores[best]
+        return {
             "row_uid": self.cells.row_uids[rows],
             "dataset_id": self.cells.row_datasets[rows],
             "input": maxima[:, 0],
             "output": maxima[:, 1],
             "key": self.cells.row_keys[rows],
+            "description": description,
+            "score": scores,
         }
-        block = _scored(block, bans, description_by_id)
-        if len(block["score"]) > limit:
-            best = np.argpartition(-block["score"], limit)[:limit]
-            block = {name: values[best] for name, values in block.items()}
-        return block
 
 
 def _write_retrieved(datastore: Path, out: Path, selected: dict, stats: dict) -> None:

@@ -122,3 +122,18 @@ def test_rerun_is_skipped_and_other_results_are_never_overwritten(store):
     with pytest.raises(RebaseError, match="not a rebase retrieval"):
         retrieve(out, TASK, root / "unrelated", top_k=5, exact=True)
     assert (root / "unrelated" / "notes.txt").read_text() == "mine"
+
+
+def test_approximate_mode_finds_rows_led_by_their_datasets_description(store):
+    """A third of the score is the dataset description's: with a candidate depth of one value per query
+    the cell search alone cannot reach the planted rows; the rows of the best-described datasets can."""
+    root, out = store
+    retrieve(out, TASK, root / "exact6", top_k=6, exact=True)
+    exact = [r["row_uid"] for r in pq.read_table(root / "exact6" / "rows.parquet").to_pylist()]
+    retrieve(out, TASK, root / "cells-only", top_k=6, depth=1, dataset_rows=0)
+    cells_only = [r["row_uid"] for r in pq.read_table(root / "cells-only" / "rows.parquet").to_pylist()]
+    assert len(set(cells_only) & set(exact)) < 6  # what the description candidates are for
+    summary = retrieve(out, TASK, root / "with-datasets", top_k=6, depth=1)  # default: 2 x top_k rows
+    table = pq.read_table(root / "with-datasets" / "rows.parquet").to_pylist()
+    assert [r["row_uid"] for r in table] == exact and summary.rows == 6
+    assert json.loads((root / "with-datasets" / "stats.json").read_text())["dataset_rows"] == 12
