@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rebase.retrieve import TaskQuery, cell_similarities, rebase_scores, row_maxima, select_rows, task_query
+from rebase.retrieve import (
+    CellMap,
+    TaskQuery,
+    cell_similarities,
+    group_maxima,
+    rebase_scores,
+    row_maxima,
+    select_rows,
+    task_query,
+)
 from rebase.task import Example, TaskSpec, is_banned
 
 
@@ -76,3 +85,41 @@ def test_select_rows_applies_bans_duplicates_and_the_per_dataset_cap():
     assert select_rows(scores, datasets, duplicates, top_k=10, bans=["banned"], per_dataset_cap=1) == [0, 6, 5]
     assert select_rows(scores, datasets, duplicates, top_k=2, bans=["banned"]) == [0, 1]
     assert select_rows(scores, datasets, duplicates, top_k=3) == [4, 0, 1]
+
+
+def test_group_maxima_equals_row_maxima_for_grouped_cells():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 5, 50)
+    codes = np.repeat(np.arange(50), counts)
+    sims = rng.normal(size=(len(codes), 2)).astype(np.float32)
+    starts = np.cumsum(counts) - counts
+    np.testing.assert_array_equal(group_maxima(starts, sims), row_maxima(codes, sims, 50))
+    assert group_maxima(np.zeros(0, np.int64), np.zeros((0, 2), np.float32)).shape == (0, 2)
+
+
+def _cell_map(dataset_of_row: list[str]) -> CellMap:
+    """A cell map of one cell per row, only the fields the dataset lookups use."""
+    names, codes = np.unique(np.array(dataset_of_row), return_inverse=True)
+    return CellMap(
+        row_uids=np.array([f"r{i}" for i in range(len(codes))], dtype=object),
+        row_datasets=np.array(dataset_of_row, dtype=object),
+        row_dataset_codes=codes,
+        dataset_names=names.tolist(),
+        row_keys=np.arange(len(codes), dtype=np.uint64),
+        row_offsets=np.arange(len(codes) + 1),
+        cell_values=np.arange(len(codes)),
+        sorted_values=np.arange(len(codes)),
+        sorted_rows=np.arange(len(codes)),
+        dataset_rows=np.argsort(codes, kind="stable"),
+        dataset_offsets=np.r_[0, np.cumsum(np.bincount(codes, minlength=len(names)))],
+    )
+
+
+def test_rows_of_best_datasets_takes_whole_datasets_best_first_within_the_budget():
+    cells = _cell_map(["a", "b", "a", "c", "b", "a", "d"])  # a: rows 0,2,5; b: 1,4; c: 3; d: 6
+    priority = np.array([0.1, 0.9, 0.5, -np.inf], np.float32)  # a, b, c, d (d banned)
+    assert sorted(cells.rows_of_best_datasets(priority, 3)) == [1, 3, 4]  # b (2 rows), c (1 row)
+    assert sorted(cells.rows_of_best_datasets(priority, 5)) == [1, 3, 4]  # a's 3 rows would pass 5
+    assert sorted(cells.rows_of_best_datasets(priority, 6)) == [0, 1, 2, 3, 4, 5]  # never banned d
+    assert list(cells.rows_of_best_datasets(priority, 1)) == [1]  # the best dataset alone is too big
+    assert len(cells.rows_of_best_datasets(np.full(4, -np.inf, np.float32), 10)) == 0
