@@ -107,6 +107,12 @@ def select_rows(
     """Indices of the rows to keep, best first: banned datasets never, an exact duplicate of a kept row
     never, at most `per_dataset_cap` rows from one dataset, at most `top_k` rows. Ties keep input order."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    if per_dataset_cap is None:  # bans and duplicates alone: each key's first unbanned row, in array steps
+        if bans and len(order):
+            names, codes = np.unique(np.asarray(dataset_ids, dtype=str)[order], return_inverse=True)
+            order = order[~np.array([is_banned(name, bans) for name in names])[codes]]
+        first = np.unique(np.asarray(duplicate_keys)[order], return_index=True)[1] if len(order) else order
+        return order[np.sort(first)[:top_k]].tolist()
     kept: list[int] = []
     seen: set[object] = set()
     per_dataset: dict[str, int] = {}
@@ -362,17 +368,16 @@ def retrieve_stage(config: RetrieveConfig) -> RetrieveSummary:
     """`retrieve` as `rebase retrieve` and the pipeline's retrieve stage call it."""
     from rebase.task import load_task
 
-    c = config
     return retrieve(
-        c.datastore,
-        load_task(c.task),
-        c.out,
-        c.top_k,
-        c.per_dataset_cap,
-        c.embedder,
-        c.exact,
-        c.depth,
-        dataset_rows=c.dataset_rows,
+        config.datastore,
+        load_task(config.task),
+        config.out,
+        top_k=config.top_k,
+        per_dataset_cap=config.per_dataset_cap,
+        embedder=config.embedder,
+        exact=config.exact,
+        depth=config.depth,
+        dataset_rows=config.dataset_rows,
     )
 
 
@@ -386,10 +391,7 @@ def best_rows(pool: dict, top_k: int, per_dataset_cap: int | None = None) -> dic
         group = np.cumsum(np.r_[True, scores[1:] != scores[:-1]])[where]
         order[where] = order[where][np.lexsort((pool["row_uid"][order[where]].astype(str), group))]
     pool = {name: values[order] for name, values in pool.items()}
-    if per_dataset_cap is None:  # duplicates alone: each key's first (best) row, in one step
-        chosen = np.sort(np.unique(pool["key"], return_index=True)[1])[:top_k]
-    else:
-        chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
+    chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
     return {name: values[chosen] for name, values in pool.items()}
 
 
@@ -525,9 +527,9 @@ class CellMap:
         codes = codes[np.isfinite(dataset_priority[codes])]
         sizes = np.diff(self.dataset_offsets)[codes]
         taken = codes[np.cumsum(sizes) <= budget]
-        if not len(taken):
-            first = codes[:1]
-            return self.dataset_rows[self.dataset_offsets[first[0]] :][:budget] if len(first) else taken
+        if not len(taken) and len(codes):
+            start = self.dataset_offsets[codes[0]]
+            return self.dataset_rows[start : start + budget]
         return self.dataset_rows[_ranges(self.dataset_offsets[taken], sizes[: len(taken)])]
 
     def rows_holding(self, value_ids: np.ndarray, per_value: int, dataset_priority: np.ndarray) -> np.ndarray:
