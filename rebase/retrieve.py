@@ -336,7 +336,8 @@ def retrieve(
         pool = exact_pool(datastore, query, task.ban, description_by_id, limit, dimension)
     else:
         with ApproximateIndex(datastore) as index:
-            pool = index.pool(query, task.ban, description_by_id, limit, depth, dataset_rows)
+            keep = top_k if per_dataset_cap is None else None  # the bound assumes no cap
+            pool = index.pool(query, task.ban, description_by_id, limit, depth, dataset_rows, keep)
     if pool is None or not len(pool["score"]):
         raise RebaseError(f"every row of {datastore} is banned by the task; nothing to retrieve")
     selected = best_rows(pool, top_k, per_dataset_cap)
@@ -411,76 +412,141 @@ def _finished_retrieval(out: Path, fingerprint: str) -> dict | None:
 # ---------------------------------------------------------------- approximate retrieval
 
 
-def _shard_ids(index) -> np.ndarray:
-    """The value ids a FAISS shard holds (IDMap2-wrapped flat/HNSW, or IVF)."""
+def _shard_vectors(index) -> tuple[np.ndarray, np.ndarray | None]:
+    """The value ids a FAISS shard holds (IDMap2-wrapped flat/HNSW, or IVF) and, where FAISS keeps the
+    vectors as plain float32 rows (flat storage, IVF-Flat array lists), the memory address of each."""
     import faiss
 
     if isinstance(index, faiss.IndexIDMap2):
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    ivf = faiss.extract_index_ivf(index)
-    lists = ivf.invlists
-    parts = [
-        faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
-        for number in range(ivf.nlist)
-        if lists.list_size(number)
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        inner = faiss.downcast_index(index.index)
+        storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+        if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != len(ids):
+            return ids, None
+        return ids, int(storage.get_xb()) + np.arange(len(ids), dtype=np.int64) * storage.code_size
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    sizes = np.array([lists.list_size(number) for number in range(ivf.nlist)], dtype=np.int64)
+    used = np.flatnonzero(sizes)
+    ids = [
+        faiss.rev_swig_ptr(faiss.cast_integer_to_idx_t_ptr(int(lists.get_ids(int(n)))), int(sizes[n])).copy()
+        for n in used
     ]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+    if not isinstance(ivf, faiss.IndexIVFFlat) or not isinstance(lists, faiss.ArrayInvertedLists):
+        return ids, None
+    starts = np.array([int(lists.get_codes(int(n))) for n in used], dtype=np.int64)
+    within = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(sizes[used]) - sizes[used], sizes[used])
+    return ids, np.repeat(starts, sizes[used]) + within * ivf.code_size
 
 
 class ShardSearcher:
-    """One index shard held in memory (a Ray actor per shard): nearest values, and vectors by id."""
+    """One index shard held in memory (a Ray actor per shard): nearest values, and similarities of stored
+    vectors by position in the shard's sorted value ids."""
 
-    CHUNK = 1024  # vectors re-scored at a time (1.5 MB at 384 dimensions)
+    CHUNK = 256  # vectors re-scored at a time (384 KB at 384 dimensions; 1,024 was 20% slower, 2,048 twice)
 
     def __init__(self, path: str, threads: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
         import faiss
 
         from rebase.datastore.index import load_shard
 
         faiss.omp_set_num_threads(threads)  # several shards share a node's cores: no oversubscription
         self.index = load_shard(Path(path))
-        self.ids = np.sort(_shard_ids(self.index))
+        ids, addresses = _shard_vectors(self.index)
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
         self.threads = threads
+        self.workers = ThreadPoolExecutor(threads)
+        self.rows, self.offsets = None, None
+        if addresses is not None and len(ids):
+            self._read_in_place(addresses[order])
 
-    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (queries, k): this shard's nearest values, -1 ids where it has fewer."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(depth, len(self.ids)))
+    def _read_in_place(self, addresses: np.ndarray) -> None:
+        """Gather vectors straight from FAISS's memory instead of `reconstruct_batch` (a hash lookup and a
+        copy through a fresh buffer per vector: 2 to 3 times slower). `rows` is a strided byte view whose
+        row at offset o is the vector stored at base + o; only offsets of stored vectors are ever read, and
+        the view is checked against `reconstruct` on a sample before it is used."""
+        import faiss
+        from numpy.lib.stride_tricks import as_strided
 
-    def similarities(self, value_ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the given ids, those this shard holds: their positions in `value_ids`, and their dot products
-        with the queries."""
-        from concurrent.futures import ThreadPoolExecutor
+        size = self.index.d * 4
+        base = int(addresses.min())
+        span = int(addresses.max()) - base + size
+        memory = faiss.rev_swig_ptr(faiss.cast_integer_to_uint8_ptr(base), span)
+        rows = as_strided(memory, shape=(span - size + 1, size), strides=(1, 1), writeable=False)
+        offsets = addresses - base
+        sample = np.linspace(0, len(self.ids) - 1, min(64, len(self.ids))).astype(np.int64)
+        expected = np.empty((len(sample), self.index.d), np.float32)
+        self.index.reconstruct_batch(self.ids[sample], expected)
+        if np.array_equal(rows[offsets[sample]].view(np.float32), expected):
+            self.rows, self.offsets = rows, offsets
 
-        positions = np.minimum(np.searchsorted(self.ids, value_ids), len(self.ids) - 1)
-        held = np.flatnonzero(self.ids[positions] == value_ids)
-        mine = value_ids[held]
+    def value_ids(self) -> np.ndarray:
+        """The value ids this shard holds, sorted: `similarities` takes positions in this array."""
+        return self.ids
+
+    def search(
+        self, queries: np.ndarray, depth: int, every_query: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """This shard's `depth` nearest values of each query: their positions in `value_ids()` and scores,
+        each (queries, k), -1 and -inf where it holds fewer; with `every_query`, also each found value's
+        similarity to every query, (queries, k, queries)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(depth, len(self.ids))
+        if not k:
+            cross = np.zeros((len(queries), 0, len(queries)), np.float32) if every_query else None
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32), cross
+        scores, ids = self.index.search(queries, k)
+        order = np.argsort(ids, axis=None)  # sorted keys: searchsorted walks the ids in one direction
+        positions = np.empty(ids.size, np.int64)
+        positions[order] = np.minimum(np.searchsorted(self.ids, ids.ravel()[order]), len(self.ids) - 1)
+        positions = positions.reshape(ids.shape)
+        positions = np.where((ids != -1) & (self.ids[positions] == ids), positions, -1)
+        scores = np.where(positions >= 0, scores, -np.inf).astype(np.float32)
+        if not every_query:
+            return positions, scores, None
+        sims = np.full((*ids.shape, len(queries)), -np.inf, np.float32)
+        sims[positions >= 0] = self.similarities(positions[positions >= 0], queries)
+        return positions, scores, sims
+
+    def similarities(self, positions: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """(n, queries): the dot products with the queries of the vectors at `positions` of `value_ids()`."""
         queries_t = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).T)
-        sims = np.empty((len(mine), queries_t.shape[1]), np.float32)
-        # In chunks through a small buffer per thread that stays in cache: reconstructing tens of thousands
-        # of vectors into one fresh array cost 3 to 5 times as much (page faults, memory traffic). FAISS and
-        # numpy release the GIL, so the shard's threads share the chunks.
-        workers = max(1, min(self.threads, -(-len(mine) // self.CHUNK)))
-        bounds = np.linspace(0, len(mine), workers + 1).astype(int)
+        sims = np.empty((len(positions), queries_t.shape[1]), np.float32)
+        # In chunks that stay in cache (gathering tens of thousands of vectors into one fresh array cost 3 to
+        # 5 times as much: page faults, memory traffic). numpy and FAISS release the GIL, so the shard's
+        # threads share the chunks.
+        workers = max(1, min(self.threads, -(-len(positions) // self.CHUNK)))
+        bounds = np.linspace(0, len(positions), workers + 1).astype(int)
 
         def rescore(lo: int, hi: int) -> None:
             buffer = np.empty((self.CHUNK, self.index.d), np.float32)
             for start in range(lo, hi, self.CHUNK):
-                part = mine[start : min(start + self.CHUNK, hi)]
-                vectors = buffer[: len(part)]
-                self.index.reconstruct_batch(part, vectors)
+                part = positions[start : min(start + self.CHUNK, hi)]
+                if self.rows is not None:
+                    vectors = self.rows[self.offsets[part]].view(np.float32)
+                else:
+                    vectors = buffer[: len(part)]
+                    self.index.reconstruct_batch(self.ids[part], vectors)
                 np.matmul(vectors, queries_t, out=sims[start : start + len(part)])
 
         if workers == 1:
-            rescore(0, len(mine))
+            rescore(0, len(positions))
         else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(rescore, bounds[:-1], bounds[1:]))
-        return held, sims
+            list(self.workers.map(rescore, bounds[:-1], bounds[1:]))
+        return sims
 
 
 @dataclass
 class CellMap:
-    """Every cell as (row, value id), in memory: rows by value and values by row, for re-scoring."""
+    """Every cell as (row, value number), in memory: rows by value and values by row, for re-scoring.
+
+    Values are numbered shard after shard in each shard's sorted id order (shard s holds numbers
+    `shard_offsets[s]` to `shard_offsets[s + 1] - 1`), so a shard is asked for its values by position;
+    a cell whose value no shard holds has number -1."""
 
     row_uids: np.ndarray
     row_datasets: np.ndarray
@@ -493,16 +559,21 @@ class CellMap:
     sorted_rows: np.ndarray
     dataset_rows: np.ndarray  # row numbers grouped by dataset code
     dataset_offsets: np.ndarray  # dataset code c holds dataset_rows[dataset_offsets[c]:dataset_offsets[c + 1]]
+    shard_offsets: np.ndarray
 
     @classmethod
-    def load(cls, datastore: Path) -> CellMap:
+    def load(cls, datastore: Path, shard_ids: Sequence[np.ndarray]) -> CellMap:
+        """The datastore's cells, their values numbered by the shards' sorted ids (`ShardSearcher.value_ids`)."""
         tables = [
             pq.read_table(path, columns=["row_uid", "dataset_id", "column", "value_id"])
             for path in sorted((datastore / "cells").rglob("*.parquet"))
         ]
         table = pa.concat_tables(tables)
         uids, starts, row_of_cell, keys = _rows_of_cells(table)
-        values = table.column("value_id").to_numpy()
+        shard_offsets = np.r_[0, np.cumsum([len(ids) for ids in shard_ids])].astype(np.int64)
+        all_ids = np.concatenate([*shard_ids, np.zeros(0, np.int64)]).astype(np.int64)
+        id_order = np.argsort(all_ids, kind="stable")
+        values = _numbers(all_ids[id_order], id_order, table.column("value_id").to_numpy())
         order = np.argsort(values, kind="stable")
         row_datasets = table.column("dataset_id").to_numpy()[starts]
         dataset_names, dataset_codes = np.unique(row_datasets, return_inverse=True)
@@ -518,6 +589,7 @@ class CellMap:
             sorted_rows=row_of_cell[order],
             dataset_rows=np.argsort(dataset_codes, kind="stable"),
             dataset_offsets=np.r_[0, np.cumsum(np.bincount(dataset_codes, minlength=len(dataset_names)))],
+            shard_offsets=shard_offsets,
         )
 
     def rows_of_best_datasets(self, dataset_priority: np.ndarray, budget: int) -> np.ndarray:
@@ -532,12 +604,12 @@ class CellMap:
             return self.dataset_rows[start : start + budget]
         return self.dataset_rows[_ranges(self.dataset_offsets[taken], sizes[: len(taken)])]
 
-    def rows_holding(self, value_ids: np.ndarray, per_value: int, dataset_priority: np.ndarray) -> np.ndarray:
-        """Rows with any of the values. A value held by more than `per_value` rows (a label such as "Yes"
-        repeats millions of times) contributes its `per_value` rows whose dataset has the highest priority;
-        rows of a dataset whose priority is -inf (banned) are never taken."""
-        lo = np.searchsorted(self.sorted_values, value_ids, side="left")
-        hi = np.searchsorted(self.sorted_values, value_ids, side="right")
+    def rows_holding(self, values: np.ndarray, per_value: int, dataset_priority: np.ndarray) -> np.ndarray:
+        """Rows with any of the values (numbers). A value held by more than `per_value` rows (a label such as
+        "Yes" repeats millions of times) contributes its `per_value` rows whose dataset has the highest
+        priority; rows of a dataset whose priority is -inf (banned) are never taken."""
+        lo = np.searchsorted(self.sorted_values, values, side="left")
+        hi = np.searchsorted(self.sorted_values, values, side="right")
         counts = hi - lo
         light = counts <= per_value  # most values: every row holding them, gathered in one step
         spans = [self.sorted_rows[_ranges(lo[light], counts[light])]]
@@ -545,13 +617,34 @@ class CellMap:
             rows = self.sorted_rows[a:b]
             priority = dataset_priority[self.row_dataset_codes[rows]]
             spans.append(rows[np.argpartition(-priority, per_value - 1)[:per_value]])
-        rows = np.unique(np.concatenate(spans))
+        rows = sorted_unique(np.concatenate(spans))
         return rows[np.isfinite(dataset_priority[self.row_dataset_codes[rows]])]
 
     def cells_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The value ids of every cell of the rows, row after row, and where each row's cells start."""
+        """Where each row's cells start, and the value numbers of every cell of the rows, row after row."""
         counts = self.row_offsets[rows + 1] - self.row_offsets[rows]
         return np.cumsum(counts) - counts, self.cell_values[_ranges(self.row_offsets[rows], counts)]
+
+
+def _numbers(sorted_ids: np.ndarray, numbers: np.ndarray, value_ids: np.ndarray) -> np.ndarray:
+    """The numbers of value ids (`numbers[i]` is that of `sorted_ids[i]`); -1 for an id not among them."""
+    if not len(sorted_ids):
+        return np.full(len(value_ids), -1, np.int64)
+    positions = np.minimum(np.searchsorted(sorted_ids, value_ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[positions] == value_ids, numbers[positions], -1)
+
+
+def sorted_unique(values: np.ndarray, inverse: bool = False):
+    """`np.unique(values[, return_inverse=True])` by sorting: numpy 2's hash-based unique is several times
+    slower on these integer arrays (2.7 against 0.2 ms for 30,000 row numbers)."""
+    order = np.argsort(values)
+    ordered = values[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]] if len(values) else np.zeros(0, bool)
+    if not inverse:
+        return ordered[first]
+    positions = np.empty(len(values), np.int64)
+    positions[order] = np.cumsum(first) - 1
+    return ordered[first], positions
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -560,8 +653,37 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts, counts) + within
 
 
+def score_bounds(
+    starts: np.ndarray, cell_known: np.ndarray, ceiling: np.ndarray, description: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds of each row's ReBase score before re-scoring it. `cell_known` holds the cells'
+    similarities where the search found their value (-inf elsewhere); a value it did not find is at most
+    as similar as the last one it returned (`ceiling`, per query; -inf where it returned every value).
+    So a row's partial score is at least its best known cell and at most that or the ceiling."""
+    lower = group_maxima(starts, cell_known)
+    upper = np.maximum(lower, ceiling[None, :])
+    return rebase_scores(lower[:, 0], lower[:, 1], description), rebase_scores(upper[:, 0], upper[:, 1], description)
+
+
+def distinct_floor(scores: np.ndarray, keys: np.ndarray, k: int) -> float:
+    """The k-th best score among rows with distinct keys (each key at its best row); -inf if fewer keys.
+    With scores that are lower bounds, no row whose upper bound is below it can be in the top k."""
+    take = min(len(scores), 2 * k)  # the best rows first: enough keys among them unless many duplicate
+    while True:
+        top = np.argpartition(-scores, take - 1)[:take] if take < len(scores) else np.arange(len(scores))
+        order = top[np.argsort(-scores[top], kind="stable")]
+        firsts = np.sort(np.unique(keys[order], return_index=True)[1])
+        if len(firsts) >= k:
+            return float(scores[order[firsts[k - 1]]])
+        if take == len(scores):
+            return -np.inf
+        take = min(len(scores), 4 * take)
+
+
 class ApproximateIndex:
     """The shards in Ray actors (one each, searched in parallel) and the cell map, loaded once."""
+
+    TOLERANCE = 1e-5  # FAISS's and numpy's dot products of the same vectors may differ in the last bits
 
     def __init__(self, datastore: Path, per_value_rows: int | None = None):
         import ray
@@ -578,8 +700,24 @@ class ApproximateIndex:
         )  # held in memory, busy only while a query runs
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(shards))
         self.actors = [actor.remote(str(path), threads) for path in shards]
-        self.cells = CellMap.load(datastore)
+        self.exact = all(s.kind == "flat" for e in manifest.sources if e.state == "complete" for s in e.shards)
+        self.cells = CellMap.load(datastore, ray.get([a.value_ids.remote() for a in self.actors]))
         self.per_value_rows = per_value_rows
+        self.rescored = 0  # rows re-scored by the last query
+        self.known_table: np.ndarray | None = None
+
+    def _known(self, found: np.ndarray, found_sims: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """(len(values), queries): the similarities of the values the search found (numbers `found`, with
+        `found_sims`), -inf for the others and for number -1. Looked up in a table over every value number
+        (one more row, always -inf, for -1) that is -inf between queries: the cost follows the values asked,
+        not the store."""
+        if self.known_table is None or self.known_table.shape[1] != found_sims.shape[1]:
+            self.known_table = np.full((self.cells.shard_offsets[-1] + 1, found_sims.shape[1]), -np.inf, np.float32)
+        self.known_table[found] = found_sims
+        try:
+            return self.known_table[values]
+        finally:
+            self.known_table[found] = -np.inf
 
     def __enter__(self) -> ApproximateIndex:
         return self
@@ -598,17 +736,23 @@ class ApproximateIndex:
         limit: int,
         depth: int,
         dataset_rows: int = 0,
+        keep: int | None = None,
     ) -> dict | None:
         """The best `limit` unbanned rows among the candidates, re-scored exactly: the rows holding the
         `depth` nearest values of each query, and `dataset_rows` rows of the datasets whose descriptions
-        are closest to the instruction (whole datasets, best first)."""
+        are closest to the instruction (whole datasets, best first). With `keep` (the caller selects the
+        best `keep` rows with distinct keys, no per-dataset cap) only rows that can be among them are
+        returned, and where every shard is exact (flat) a candidate whose score bound shows that it cannot
+        be is dropped before re-scoring (an approximate shard can miss values above the bound)."""
         import ray
 
         queries = np.stack([query.input, query.output])
-        found = ray.get([actor.search.remote(queries, depth) for actor in self.actors])
+        bound = bool(keep) and self.exact  # a value not found is at most the last score only if search is exact
+        searched = ray.get([actor.search.remote(queries, depth, bound) for actor in self.actors])
+        numbers = [np.where(p >= 0, p + o, -1) for (p, _, _), o in zip(searched, self.cells.shard_offsets)]
         # The nearest `depth` values over all shards, per query (a small shard must not add all it holds).
-        scores, ids = merge_by_score([f[0] for f in found], [f[1] for f in found], depth)
-        candidates = np.unique(ids[scores > -np.inf])
+        scores, nearest = merge_by_score([s for _, s, _ in searched], numbers, depth)
+        candidates = sorted_unique(nearest[scores > -np.inf])
         per_dataset = np.array(
             [-np.inf if is_banned(name, bans) else description_by_id[name] for name in self.cells.dataset_names],
             dtype=np.float32,
@@ -616,19 +760,45 @@ class ApproximateIndex:
         # A value shared by many rows (a label) brings at most as many rows as the pool keeps, those of the
         # most relevant datasets first: beyond that its rows could not all make the pool anyway.
         per_value = self.per_value_rows or limit
-        rows = self.cells.rows_holding(candidates, per_value, per_dataset)
+        rows = self.cells.rows_holding(candidates[candidates >= 0], per_value, per_dataset)
         if dataset_rows:
-            rows = np.union1d(rows, self.cells.rows_of_best_datasets(per_dataset, dataset_rows))
+            rows = sorted_unique(np.concatenate([rows, self.cells.rows_of_best_datasets(per_dataset, dataset_rows)]))
         if not len(rows):
             return None
         starts, values = self.cells.cells_of(rows)
-        unique_values, inverse = np.unique(values, return_inverse=True)
-        value_sims = np.full((len(unique_values), len(queries)), -np.inf, np.float32)
-        for held, sims in ray.get([actor.similarities.remote(unique_values, queries) for actor in self.actors]):
-            value_sims[held] = sims
-        maxima = group_maxima(starts, value_sims[inverse])
         description = per_dataset[self.cells.row_dataset_codes[rows]]  # finite: banned rows were never taken
+        if bound:
+            complete = scores.shape[1] < depth or not np.isfinite(scores[:, -1]).all()  # every value was found
+            ceiling = np.full(len(queries), -np.inf, np.float32) if complete else scores[:, -1]
+            found = np.concatenate([n.ravel() for n in numbers])
+            found_sims = np.concatenate([sims.reshape(-1, len(queries)) for _, _, sims in searched])[found >= 0]
+            low, high = score_bounds(starts, self._known(found[found >= 0], found_sims, values), ceiling, description)
+            needed = high >= distinct_floor(low, self.cells.row_keys[rows], keep) - self.TOLERANCE
+            if not needed.all():
+                counts = np.diff(np.r_[starts, len(values)])
+                values = values[np.repeat(needed, counts)]
+                rows, description, counts = rows[needed], description[needed], counts[needed]
+                starts = np.cumsum(counts) - counts
+        self.rescored = len(rows)
+        unique_values, inverse = sorted_unique(values, inverse=True)
+        value_sims = np.full((len(unique_values), len(queries)), -np.inf, np.float32)
+        bounds = np.searchsorted(unique_values, self.cells.shard_offsets)  # numbers -1 (no shard) come first
+        asked = [
+            (
+                bounds[s],
+                bounds[s + 1],
+                actor.similarities.remote(unique_values[bounds[s] : bounds[s + 1]] - offset, queries),
+            )
+            for s, (actor, offset) in enumerate(zip(self.actors, self.cells.shard_offsets))
+            if bounds[s + 1] > bounds[s]
+        ]
+        for (lo, hi, _), sims in zip(asked, ray.get([ref for _, _, ref in asked])):
+            value_sims[lo:hi] = sims
+        maxima = group_maxima(starts, value_sims[inverse])
         scores = rebase_scores(maxima[:, 0], maxima[:, 1], description)
+        if keep:  # only rows at or above the keep-th distinct score can be selected
+            best = np.flatnonzero(scores >= distinct_floor(scores, self.cells.row_keys[rows], keep))
+            rows, maxima, description, scores = rows[best], maxima[best], description[best], scores[best]
         if len(scores) > limit:  # the best `limit` rows, before gathering their ids
             best = np.argpartition(-scores, limit)[:limit]
             rows, maxima, description, scores = rows[best], maxima[best], description[best], scores[best]

@@ -7,12 +7,16 @@ import pytest
 
 from rebase.retrieve import (
     CellMap,
+    ShardSearcher,
     TaskQuery,
     cell_similarities,
+    distinct_floor,
     group_maxima,
     rebase_scores,
     row_maxima,
+    score_bounds,
     select_rows,
+    sorted_unique,
     task_query,
 )
 from rebase.task import Example, TaskSpec, is_banned
@@ -112,6 +116,7 @@ def _cell_map(dataset_of_row: list[str]) -> CellMap:
         sorted_rows=np.arange(len(codes)),
         dataset_rows=np.argsort(codes, kind="stable"),
         dataset_offsets=np.r_[0, np.cumsum(np.bincount(codes, minlength=len(names)))],
+        shard_offsets=np.array([0, len(codes)]),
     )
 
 
@@ -123,3 +128,60 @@ def test_rows_of_best_datasets_takes_whole_datasets_best_first_within_the_budget
     assert sorted(cells.rows_of_best_datasets(priority, 6)) == [0, 1, 2, 3, 4, 5]  # never banned d
     assert list(cells.rows_of_best_datasets(priority, 1)) == [1]  # the best dataset alone is too big
     assert len(cells.rows_of_best_datasets(np.full(4, -np.inf, np.float32), 10)) == 0
+
+
+def test_sorted_unique_matches_numpy_unique():
+    rng = np.random.default_rng(3)
+    for values in (rng.integers(-5, 50, 300), np.zeros(0, np.int64), np.array([7])):
+        np.testing.assert_array_equal(sorted_unique(values), np.unique(values))
+        unique, inverse = sorted_unique(values, inverse=True)
+        np.testing.assert_array_equal(unique, np.unique(values))
+        np.testing.assert_array_equal(unique[inverse], values)
+
+
+def test_score_bounds_of_a_hand_computed_case():
+    # Row 0: cells a (found by both queries: 0.9, 0.2) and b (not found). Row 1: cell c (found by the
+    # output query only: 0.7; its input similarity is not known). The last scores found: 0.5 and 0.6.
+    known = np.array([[0.9, 0.2], [-np.inf, -np.inf], [-np.inf, 0.7]], np.float32)
+    ceiling = np.array([0.5, 0.6], np.float32)
+    low, high = score_bounds(np.array([0, 2]), known, ceiling, np.array([0.3, 0.0], np.float32))
+    np.testing.assert_allclose(low, [(0.9 + 0.2 + 0.3) / 3, -np.inf])
+    np.testing.assert_allclose(high, [(0.9 + 0.6 + 0.3) / 3, (0.5 + 0.7 + 0.0) / 3])
+
+
+def test_distinct_floor_counts_each_key_once():
+    scores = np.array([0.9, 0.8, 0.8, 0.7, 0.6, 0.5])
+    keys = np.array([1, 1, 2, 3, 3, 4], np.uint64)  # best per key: 0.9, 0.8, 0.7, 0.5
+    assert distinct_floor(scores, keys, 2) == 0.8
+    assert distinct_floor(scores, keys, 3) == 0.7
+    assert distinct_floor(scores, keys, 4) == 0.5
+    assert distinct_floor(scores, keys, 5) == -np.inf
+    many = np.arange(100, dtype=np.float64)  # more duplicates than the first look (2k rows) holds
+    assert distinct_floor(many, np.repeat(np.arange(10, dtype=np.uint64), 10), 3) == 79
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_shard_searcher_reads_vectors_in_place_and_matches_reconstruct(tmp_path, kind):
+    """The searcher gathers vectors from FAISS's own memory; it must equal FAISS's reconstruct path."""
+    import faiss
+
+    from rebase.datastore.index import make_index
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(3000, 24)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = rng.integers(-(2**62), 2**62, size=3000)
+    path = tmp_path / f"{kind}.faiss"
+    faiss.write_index(make_index(kind, vectors, ids), str(path))
+    searcher = ShardSearcher(str(path), threads=2)
+    assert searcher.rows is not None  # the in-place path, not the fallback
+    queries = vectors[:2] + 0.1
+    positions = rng.permutation(3000)[:1500]
+    expected = vectors[np.argsort(ids)][positions] @ queries.T  # positions are in sorted id order
+    np.testing.assert_allclose(searcher.similarities(positions, queries), expected, atol=1e-5)
+    searcher.rows = None  # FAISS's reconstruct path gives the same
+    np.testing.assert_allclose(searcher.similarities(positions, queries), expected, atol=1e-5)
+    found, scores, cross = searcher.search(queries, 5, every_query=True)
+    assert (searcher.value_ids()[found[0, 0]], searcher.value_ids()[found[1, 0]]) == (ids[0], ids[1])
+    np.testing.assert_allclose(cross[[0, 1], :, [0, 1]], scores, atol=1e-5)  # own query: the search's score
+    np.testing.assert_allclose(cross[0, 0], vectors[0] @ queries.T, atol=1e-5)

@@ -137,3 +137,33 @@ def test_approximate_mode_finds_rows_led_by_their_datasets_description(store):
     table = pq.read_table(root / "with-datasets" / "rows.parquet").to_pylist()
     assert [r["row_uid"] for r in table] == exact and summary.rows == 6
     assert json.loads((root / "with-datasets" / "stats.json").read_text())["dataset_rows"] == 12
+
+
+def test_score_bound_drops_only_rows_that_cannot_be_selected(store):
+    """With an exact (flat) shard the search's last score bounds every value it did not return, so rows
+    that cannot make the top K are dropped before re-scoring: the same rows must come out as when every
+    candidate is re-scored."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from rebase.datastore.manifest import read_manifest
+    from rebase.models import resolve_model
+    from rebase.retrieve import ApproximateIndex, best_rows, description_similarities, task_query
+
+    _, out = store
+    manifest = read_manifest(out)
+    model = SentenceTransformer(str(resolve_model(manifest.embedder.name)))
+    query = task_query(TASK, lambda t: model.encode(t, normalize_embeddings=True, convert_to_numpy=True))
+    description = description_similarities(out, query, manifest.embedder.dimension)
+    with ApproximateIndex(out) as index:
+        assert index.exact
+        pruned = 0
+        for depth in (2, 4, 8, 16, 1000):  # 1000: every value found, the bound is each row's exact score
+            for keep in (3, 10, 20, 40, 60):
+                every = best_rows(index.pool(query, TASK.ban, description, 100, depth, 60), keep)
+                every_count = index.rescored
+                bounded = best_rows(index.pool(query, TASK.ban, description, 100, depth, 60, keep), keep)
+                pruned += every_count - index.rescored
+                assert list(bounded["row_uid"]) == list(every["row_uid"]), (depth, keep)
+                np.testing.assert_allclose(bounded["score"], every["score"], atol=1e-6)
+        assert pruned > 0
