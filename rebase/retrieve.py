@@ -467,8 +467,9 @@ class ShardSearcher:
     def _read_in_place(self, addresses: np.ndarray) -> None:
         """Gather vectors straight from FAISS's memory instead of `reconstruct_batch` (a hash lookup and a
         copy through a fresh buffer per vector: 2 to 3 times slower). `rows` is a strided byte view whose
-        row at offset o is the vector stored at base + o; only offsets of stored vectors are ever read, and
-        the view is checked against `reconstruct` on a sample before it is used."""
+        row at offset o is the vector stored at base + o; only offsets of stored vectors are ever read, the
+        index is never changed while loaded (so FAISS never moves them), and the view is checked against
+        `reconstruct` on a sample before it is used."""
         import faiss
         from numpy.lib.stride_tricks import as_strided
 
