@@ -466,23 +466,24 @@ class ShardSearcher:
 
     def _read_in_place(self, addresses: np.ndarray) -> None:
         """Gather vectors straight from FAISS's memory instead of `reconstruct_batch` (a hash lookup and a
-        copy through a fresh buffer per vector: 2 to 3 times slower). `rows` is a strided byte view whose
-        row at offset o is the vector stored at base + o; only offsets of stored vectors are ever read, the
-        index is never changed while loaded (so FAISS never moves them), and the view is checked against
-        `reconstruct` on a sample before it is used."""
+        copy through a fresh buffer per vector: 2 to 3 times slower). `rows` is a strided float32 view whose
+        row at word offset o is the vector stored at base + 4 o; only offsets of stored vectors are ever
+        read, the index is never changed while loaded (so FAISS never moves them), and the view is checked
+        against `reconstruct` on a sample before it is used."""
         import faiss
         from numpy.lib.stride_tricks import as_strided
 
-        size = self.index.d * 4
         base = int(addresses.min())
-        span = int(addresses.max()) - base + size
-        memory = faiss.rev_swig_ptr(faiss.cast_integer_to_uint8_ptr(base), span)
-        rows = as_strided(memory, shape=(span - size + 1, size), strides=(1, 1), writeable=False)
-        offsets = addresses - base
+        if ((addresses - base) % 4).any():
+            return  # not float-aligned relative to each other (FAISS's own allocations always are)
+        words = (int(addresses.max()) - base) // 4 + self.index.d
+        memory = faiss.rev_swig_ptr(faiss.cast_integer_to_float_ptr(base), words)
+        rows = as_strided(memory, shape=(words - self.index.d + 1, self.index.d), strides=(4, 4), writeable=False)
+        offsets = (addresses - base) // 4
         sample = np.linspace(0, len(self.ids) - 1, min(64, len(self.ids))).astype(np.int64)
         expected = np.empty((len(sample), self.index.d), np.float32)
         self.index.reconstruct_batch(self.ids[sample], expected)
-        if np.array_equal(rows[offsets[sample]].view(np.float32), expected):
+        if np.array_equal(rows[offsets[sample]], expected):
             self.rows, self.offsets = rows, offsets
 
     def value_ids(self) -> np.ndarray:
@@ -528,7 +529,7 @@ class ShardSearcher:
             for start in range(lo, hi, self.CHUNK):
                 part = positions[start : min(start + self.CHUNK, hi)]
                 if self.rows is not None:
-                    vectors = self.rows[self.offsets[part]].view(np.float32)
+                    vectors = self.rows[self.offsets[part]]
                 else:
                     vectors = buffer[: len(part)]
                     self.index.reconstruct_batch(self.ids[part], vectors)
