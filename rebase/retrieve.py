@@ -564,14 +564,16 @@ class CellMap:
     shard_offsets: np.ndarray
 
     @classmethod
-    def load(cls, datastore: Path, shard_ids: Sequence[np.ndarray]) -> CellMap:
-        """The datastore's cells, their values numbered by the shards' sorted ids (`ShardSearcher.value_ids`)."""
+    def load(cls, datastore: Path, shard_ids: Callable[[], Sequence[np.ndarray]]) -> CellMap:
+        """The datastore's cells, their values numbered by the shards' sorted ids (`ShardSearcher.value_ids`),
+        which `shard_ids` returns: it is called once the cells are read, so the shards can load meanwhile."""
         tables = [
             pq.read_table(path, columns=["row_uid", "dataset_id", "column", "value_id"])
             for path in sorted((datastore / "cells").rglob("*.parquet"))
         ]
         table = pa.concat_tables(tables)
         uids, starts, row_of_cell, keys = _rows_of_cells(table)
+        shard_ids = shard_ids()
         shard_offsets = np.r_[0, np.cumsum([len(ids) for ids in shard_ids])].astype(np.int64)
         all_ids = np.concatenate([*shard_ids, np.zeros(0, np.int64)]).astype(np.int64)
         id_order = np.argsort(all_ids, kind="stable")
@@ -703,7 +705,7 @@ class ApproximateIndex:
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(shards))
         self.actors = [actor.remote(str(path), threads) for path in shards]
         self.exact = all(s.kind == "flat" for e in manifest.sources if e.state == "complete" for s in e.shards)
-        self.cells = CellMap.load(datastore, ray.get([a.value_ids.remote() for a in self.actors]))
+        self.cells = CellMap.load(datastore, lambda: ray.get([a.value_ids.remote() for a in self.actors]))
         self.per_value_rows = per_value_rows
         self.rescored = 0  # rows re-scored by the last query
         self.known_table: np.ndarray | None = None
