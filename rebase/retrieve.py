@@ -502,11 +502,7 @@ class ShardSearcher:
             cross = np.zeros((len(queries), 0, len(queries)), np.float32) if every_query else None
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32), cross
         scores, ids = self.index.search(queries, k)
-        order = np.argsort(ids, axis=None)  # sorted keys: searchsorted walks the ids in one direction
-        positions = np.empty(ids.size, np.int64)
-        positions[order] = np.minimum(np.searchsorted(self.ids, ids.ravel()[order]), len(self.ids) - 1)
-        positions = positions.reshape(ids.shape)
-        positions = np.where((ids != -1) & (self.ids[positions] == ids), positions, -1)
+        positions = np.where(ids != -1, _positions(self.ids, ids), -1)  # -1: FAISS's padding
         scores = np.where(positions >= 0, scores, -np.inf).astype(np.float32)
         if not every_query:
             return positions, scores, None
@@ -525,7 +521,7 @@ class ShardSearcher:
         bounds = np.linspace(0, len(positions), workers + 1).astype(int)
 
         def rescore(lo: int, hi: int) -> None:
-            buffer = np.empty((self.CHUNK, self.index.d), np.float32)
+            buffer = np.empty((self.CHUNK, self.index.d), np.float32) if self.rows is None else None
             for start in range(lo, hi, self.CHUNK):
                 part = positions[start : min(start + self.CHUNK, hi)]
                 if self.rows is not None:
@@ -577,7 +573,9 @@ class CellMap:
         shard_offsets = np.r_[0, np.cumsum([len(ids) for ids in shard_ids])].astype(np.int64)
         all_ids = np.concatenate([*shard_ids, np.zeros(0, np.int64)]).astype(np.int64)
         id_order = np.argsort(all_ids, kind="stable")
-        values = _numbers(all_ids[id_order], id_order, table.column("value_id").to_numpy())
+        found = _positions(all_ids[id_order], table.column("value_id").to_numpy())
+        values = np.full(len(found), -1, np.int64)
+        values[found >= 0] = id_order[found[found >= 0]]
         order = np.argsort(values, kind="stable")
         row_datasets = table.column("dataset_id").to_numpy()[starts]
         dataset_names, dataset_codes = np.unique(row_datasets, return_inverse=True)
@@ -630,12 +628,17 @@ class CellMap:
         return np.cumsum(counts) - counts, self.cell_values[_ranges(self.row_offsets[rows], counts)]
 
 
-def _numbers(sorted_ids: np.ndarray, numbers: np.ndarray, value_ids: np.ndarray) -> np.ndarray:
-    """The numbers of value ids (`numbers[i]` is that of `sorted_ids[i]`); -1 for an id not among them."""
+def _positions(sorted_ids: np.ndarray, value_ids: np.ndarray) -> np.ndarray:
+    """Where each of `value_ids` stands in `sorted_ids` (same shape as `value_ids`), -1 where it is absent.
+    The keys are searched in sorted order, so searchsorted walks `sorted_ids` in one direction (0.6 instead
+    of 2.6 ms for 8,000 random ids among 750,000)."""
+    keys = np.ravel(value_ids)
     if not len(sorted_ids):
-        return np.full(len(value_ids), -1, np.int64)
-    positions = np.minimum(np.searchsorted(sorted_ids, value_ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[positions] == value_ids, numbers[positions], -1)
+        return np.full(np.shape(value_ids), -1, np.int64)
+    order = np.argsort(keys)
+    positions = np.empty(len(keys), np.int64)
+    positions[order] = np.minimum(np.searchsorted(sorted_ids, keys[order]), len(sorted_ids) - 1)
+    return np.where(sorted_ids[positions] == keys, positions, -1).reshape(np.shape(value_ids))
 
 
 def sorted_unique(values: np.ndarray, inverse: bool = False):

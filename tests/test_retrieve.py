@@ -130,6 +130,15 @@ def test_rows_of_best_datasets_takes_whole_datasets_best_first_within_the_budget
     assert len(cells.rows_of_best_datasets(np.full(4, -np.inf, np.float32), 10)) == 0
 
 
+def test_positions_in_sorted_ids_keep_shape_and_mark_absent_ids():
+    from rebase.retrieve import _positions
+
+    sorted_ids = np.array([-9, -1, 4, 10, 77])
+    got = _positions(sorted_ids, np.array([[10, 5, -9], [77, 100, -20]]))
+    np.testing.assert_array_equal(got, [[3, -1, 0], [4, -1, -1]])
+    np.testing.assert_array_equal(_positions(np.zeros(0, np.int64), np.array([1, 2])), [-1, -1])
+
+
 def test_sorted_unique_matches_numpy_unique():
     rng = np.random.default_rng(3)
     for values in (rng.integers(-5, 50, 300), np.zeros(0, np.int64), np.array([7])):
