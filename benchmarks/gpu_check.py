@@ -14,7 +14,7 @@ tokenizer; a tiny BERT sentence encoder), so nothing is downloaded. Checked, on 
 3. the datastore embedder (`rebase.datastore.embed.Embedder`) on the device against the same model on
    the CPU: cosine similarity of every vector.
 Prints one JSON report; exits 1 when check 1 or 3 fails. Runs on a CPU-only machine too (then it only
-checks the script). `rebase/teacher/engines.py` and `rebase/datastore/embed.py` are loaded from this
+checks the script). `rebase/generate/engines.py` and `rebase/datastore/embed.py` are loaded from this
 checkout without importing the rest of the package (which needs pyarrow, pydantic and Ray).
 """
 
@@ -143,7 +143,7 @@ def main() -> int:
 
     errors = load("rebase.errors", ROOT / "rebase" / "errors.py")
     engines = load(
-        "rebase.teacher.engines", ROOT / "rebase" / "teacher" / "engines.py", {"rebase.errors": vars(errors)}
+        "rebase.generate.engines", ROOT / "rebase" / "generate" / "engines.py", {"rebase.errors": vars(errors)}
     )
     try:
         import pyarrow  # noqa: F401

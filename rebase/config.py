@@ -237,7 +237,16 @@ class RetrieveConfig(StageConfig):
         "to the instruction, this many rows in all (default: 2 x top_k)",
     )
     per_dataset_cap: int | None = Field(None, ge=1, description="most rows from one dataset")
+    pool_factor: int = Field(
+        4, ge=1, description="rows kept before duplicates and the per-dataset cap are taken out: this many x top_k"
+    )
     embedder: str | None = Field(None, description="must match the datastore's embedder")
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> RetrieveConfig:
+        if self.dataset_rows is None:
+            self.dataset_rows = 2 * self.top_k
+        return self
 
 
 STAGES = ("datastore", "retrieve", "transform", "train", "evaluate", "serve")

@@ -27,7 +27,9 @@ import pyarrow as pa
 
 from rebase.config import EvaluateConfig
 from rebase.errors import RebaseError
-from rebase.io import check_stage_dir, write_json_atomic, write_parquet_atomic
+from rebase.io import write_parquet_atomic
+from rebase.models import student_stats
+from rebase.stage import StageDir
 from rebase.task import STUDENT_STOP, TaskSpec, final_answer, load_task, match_label, normalise, student_prompt
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -97,7 +99,7 @@ def score(task: TaskSpec, predictions: list[str], references: list[list[str]]) -
 
 # ---------------------------------------------------------------- the evaluation stage
 
-_OWN_FILES = {"answers", "predictions.parquet", "stats.json", "_SUCCESS"}
+_OWN_FILES = frozenset({"answers", "predictions.parquet", "stats.json", "_SUCCESS"})
 
 
 def read_eval_set(spec: str, task: TaskSpec, limit: int | None = None) -> list[dict]:
@@ -149,15 +151,15 @@ class EvaluateSummary:
 
 def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     """Score the model (and `compare`) on held-out data; answers are cached, so a re-run resumes."""
-    from rebase.teacher.engines import GenerationParams
-    from rebase.teacher.pool import GenerationPool
+    from rebase.generate.engines import GenerationParams
+    from rebase.generate.pool import GenerationPool
 
     started = time.monotonic()
     task = load_task(config.task)
     spec = config.data or task.eval
     if not spec:
         raise RebaseError(f"task '{task.name}' names no eval source; pass --data SPEC (bigbench:T, files:PATH, hf:ID)")
-    trained = _student_stats(config.model)
+    trained = student_stats(config.model)
     few_shot = config.few_shot if config.few_shot is not None else bool(trained.get("config", {}).get("few_shot"))
     models = {config.model: "student" if trained else "model"}
     if config.compare:
@@ -170,7 +172,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
             raise RebaseError(f"--compare names the model under evaluation ({base}); name another")
         models[base] = "base" if config.compare == "base" or trained else "compare"
     out = config.out
-    check_stage_dir(out, _OWN_FILES, "a rebase evaluation")
+    stage = StageDir(out, "a rebase evaluation", _OWN_FILES)
+    stage.refuse_foreign()
     examples = read_eval_set(spec, task, config.limit)
     prompts = [student_prompt(task, example["input"], few_shot) for example in examples]
     params = GenerationParams(config.max_new_tokens, config.temperature, None, stop=STUDENT_STOP)
@@ -194,12 +197,10 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
         scores[model] = score(task, predictions, references)
         for example, prediction in zip(examples, predictions):
             rows.append(_prediction_row(task, model, models[model], example, prediction))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "_SUCCESS").unlink(missing_ok=True)
+    stage.begin("")
     write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pylist(rows))
     summary = EvaluateSummary(out, spec, len(examples), scores, models, time.monotonic() - started)
-    write_json_atomic(
-        out / "stats.json",
+    stage.finish(
         {
             "task": task.name,
             "data": spec,
@@ -211,7 +212,6 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
             "seconds": round(summary.seconds, 2),
         },
     )
-    (out / "_SUCCESS").write_text("")
     return summary
 
 
@@ -231,14 +231,6 @@ def _prediction_row(task: TaskSpec, model: str, role: str, example: dict, predic
     else:
         row["f1"] = token_f1(prediction, [reference])
     return row
-
-
-def _student_stats(model: str) -> dict:
-    """The stats `rebase train` wrote for a student directory; {} for any other model."""
-    stats = Path(model).expanduser() / "stats.json"
-    if stats.is_file() and (stats.parent / "run.json").is_file():
-        return json.loads(stats.read_text())
-    return {}
 
 
 def _identity(model: str, engine: str) -> str:

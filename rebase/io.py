@@ -13,24 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rebase.errors import RebaseError
-
 
 def cache_dir() -> Path:
     """The cache root (`$REBASE_CACHE`, default ~/.cache/rebase); created on first use."""
     path = Path(os.environ.get("REBASE_CACHE", Path.home() / ".cache" / "rebase"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def check_stage_dir(out: Path, own: set[str], what: str, flag: str = "--out") -> None:
-    """Refuse an output path that is a file or a directory holding files the stage does not write, so
-    nobody's data is overwritten; temp files left by a killed atomic write do not count."""
-    if out.exists() and not out.is_dir():
-        raise RebaseError(f"{flag} {out} is a file; choose a directory")
-    names = {p.name for p in out.iterdir()} if out.exists() else set()
-    if {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))} - own:
-        raise RebaseError(f"{flag} {out} holds files that are not {what}; choose another")
 
 
 def _temp_beside(path: Path) -> Path:

@@ -7,6 +7,7 @@ the cache (the GGUF load takes over a minute; the converted directory loads in s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -114,3 +115,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     (staging / _CONVERTED_MARK).write_text(f"converted from {gguf.name}\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
+
+
+def student_stats(model: str | Path) -> dict:
+    """The stats `rebase train` wrote for a student directory (its config, summary, lineage); {} for any
+    other model. Evaluation and serving read the student's prompt format (`config.few_shot`) from it."""
+    directory = Path(model).expanduser()
+    if (directory / "run.json").is_file() and (directory / "stats.json").is_file():
+        return json.loads((directory / "stats.json").read_text())
+    return {}

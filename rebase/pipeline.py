@@ -24,9 +24,10 @@ import yaml
 
 from rebase.config import STAGES, PipelineConfig, build_config
 from rebase.errors import RebaseError
-from rebase.io import check_stage_dir, write_json_atomic
+from rebase.io import write_json_atomic
+from rebase.stage import STATS, SUCCESS, StageDir, is_finished
 
-_OWN_FILES = {"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES}
+_OWN_FILES = frozenset({"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES})
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
         raise RebaseError(f"{run_dir} is not empty and is no rebase run; choose another --run-dir")
     else:
         state = {"name": config.name, "task": str(config.task), "stages": {}}
-    check_stage_dir(run_dir, _OWN_FILES, "a rebase run", flag="--run-dir")
+    StageDir(run_dir, "a rebase run", _OWN_FILES, flag="--run-dir").refuse_foreign()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(run_json, state)
@@ -166,7 +167,7 @@ def _forget(run_dir: Path, state: dict, stages: list[str]) -> None:
 
 
 def _finished(run_dir: Path, stage: str) -> bool:
-    return (run_dir / stage / "_SUCCESS").exists()
+    return is_finished(run_dir / stage)
 
 
 def _mark(run_dir: Path, run: dict, stage: str, **fields) -> None:
@@ -221,10 +222,10 @@ def _datastore_stage(config, stage_dir: Path, build: bool) -> None:
             "build_seconds": {k: round(v, 1) for k, v in summary.stage_seconds.items()},
         }
     info = datastore_info(config.out)
-    stage_dir.mkdir(parents=True, exist_ok=True)
     stats = {"path": str(config.out), "embedder": info["embedder"]["name"], **info["counts"], **built}
-    write_json_atomic(stage_dir / "stats.json", stats)
-    (stage_dir / "_SUCCESS").write_text("")
+    stage = StageDir(stage_dir, "a datastore stage", frozenset({STATS, SUCCESS}))
+    stage.begin("")
+    stage.finish(stats)
 
 
 def _serve_stage(config, stage_dir: Path) -> None:

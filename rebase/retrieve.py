@@ -26,9 +26,12 @@ import pyarrow.parquet as pq
 from rebase.datastore.index import merge_by_score
 from rebase.datastore.manifest import read_manifest
 from rebase.errors import RebaseError
-from rebase.io import check_stage_dir, embeddings_to_numpy, iter_parquet, write_json_atomic, write_parquet_atomic
+from rebase.io import embeddings_to_numpy, iter_parquet, write_parquet_atomic
 from rebase.models import canonical_model_name, resolve_model
+from rebase.stage import StageDir
 from rebase.task import TaskSpec, is_banned
+
+_OWN_FILES = frozenset({"rows.parquet", "stats.json", "_SUCCESS"})
 
 if TYPE_CHECKING:
     from rebase.config import RetrieveConfig
@@ -309,7 +312,7 @@ def retrieve(
             ]
         ).encode()
     ).hexdigest()
-    done = _finished_retrieval(out, fingerprint)
+    done = StageDir(out, "a rebase retrieval", _OWN_FILES).check(fingerprint)
     if done is not None:
         return RetrieveSummary(
             out,
@@ -394,19 +397,6 @@ def best_rows(pool: dict, top_k: int, per_dataset_cap: int | None = None) -> dic
     pool = {name: values[order] for name, values in pool.items()}
     chosen = select_rows(pool["score"], pool["dataset_id"], pool["key"], top_k, per_dataset_cap=per_dataset_cap)
     return {name: values[chosen] for name, values in pool.items()}
-
-
-def _finished_retrieval(out: Path, fingerprint: str) -> dict | None:
-    """The stats of a finished retrieval with the same inputs at `out`; None if there is none yet.
-    A directory holding anything else is refused, so a different earlier result is never overwritten."""
-    check_stage_dir(out, {"rows.parquet", "stats.json", "_SUCCESS"}, "a rebase retrieval")
-    stats_path = out / "stats.json"
-    if not (out / "_SUCCESS").exists() or not stats_path.exists():
-        return None  # nothing yet, or an unfinished earlier attempt: redo it
-    stats = json.loads(stats_path.read_text())
-    if stats.get("fingerprint") != fingerprint:
-        raise RebaseError(f"{out} holds a retrieval made with other inputs or settings; choose another --out")
-    return stats
 
 
 # ---------------------------------------------------------------- approximate retrieval
@@ -840,8 +830,7 @@ def _write_retrieved(datastore: Path, out: Path, selected: dict, stats: dict) ->
             "row": pa.array([rows[u] for u in uids.to_pylist()], pa.string()),
         }
     )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "_SUCCESS").unlink(missing_ok=True)
+    stage = StageDir(out, "a rebase retrieval", _OWN_FILES)
+    stage.begin(stats["fingerprint"])
     write_parquet_atomic(out / "rows.parquet", table)
-    write_json_atomic(out / "stats.json", stats)
-    (out / "_SUCCESS").write_text("")
+    stage.finish(stats)

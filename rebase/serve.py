@@ -159,7 +159,7 @@ class TextStream:
 
     def finish(self) -> tuple[str, bool]:
         """The rest of the text, and whether a stop string ended it."""
-        from rebase.teacher.engines import cut_at_stop
+        from rebase.generate.engines import cut_at_stop
 
         text, stopped = cut_at_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop)
         piece = text[self.sent :] if len(text) > self.sent else ""
@@ -288,8 +288,8 @@ def _define_deployment():
         def __init__(self, settings: dict):
             import torch
 
+            from rebase.generate.engines import TransformersEngine
             from rebase.task import TaskSpec
-            from rebase.teacher.engines import TransformersEngine
 
             task_spec = settings.pop("task_spec", None)
             self.config = ServeConfig.model_validate(settings)
@@ -322,7 +322,7 @@ def _define_deployment():
         async def decode(self, jobs: list[Job]):
             """Every job of the batch advanced by one token per forward pass; yields one item per job
             per step: (token or None, finished), or StopIteration once a job is done."""
-            from rebase.teacher.engines import GenerationParams
+            from rebase.generate.engines import GenerationParams
 
             self.batch_sizes.append(len(jobs))
             rows = [GenerationParams(j.max_tokens, j.temperature, None, j.stop or None) for j in jobs]

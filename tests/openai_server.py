@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 
-from rebase.teacher.engines import GenerationParams, TransformersEngine
+from rebase.generate.engines import GenerationParams, TransformersEngine
 
 
 def free_port() -> int:

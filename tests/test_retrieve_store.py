@@ -115,7 +115,7 @@ def test_rerun_is_skipped_and_other_results_are_never_overwritten(store):
     assert second.mode == "exact, already done" and second.rows == first.rows == 5
     assert second.top_datasets == first.top_datasets and second.score_range == pytest.approx(first.score_range)
     assert (target / "rows.parquet").stat().st_mtime_ns == stamp
-    with pytest.raises(RebaseError, match="made with other inputs or settings"):
+    with pytest.raises(RebaseError, match="made from other inputs or settings"):
         retrieve(out, TASK, target, top_k=6, exact=True)
     (root / "unrelated").mkdir()
     (root / "unrelated" / "notes.txt").write_text("mine")

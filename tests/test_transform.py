@@ -108,8 +108,8 @@ def records(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def teacher_engine():
+    from rebase.generate.engines import TransformersEngine
     from rebase.models import resolve_model
-    from rebase.teacher.engines import TransformersEngine
 
     return TransformersEngine(str(resolve_model("builtin:gemma3-270m")), batch_size=4)
 
@@ -285,7 +285,7 @@ def test_continuous_batching_with_a_shared_prefix_gives_plain_generate_text(teac
     `generate` produces for each prompt alone, greedy."""
     import torch
 
-    from rebase.teacher.engines import GenerationParams
+    from rebase.generate.engines import GenerationParams
 
     head = "Rewrite the review in one short sentence. Keep its meaning and its sentiment. " * 4
     prompts = [f"{head}\nReview: {text}\nRewritten:" for text in REVIEWS[:5]]

@@ -24,11 +24,12 @@ import pyarrow.parquet as pq
 
 from rebase.config import TransformConfig
 from rebase.errors import RebaseError
-from rebase.io import check_stage_dir, write_json_atomic, write_parquet_atomic
+from rebase.generate.engines import GenerationParams
+from rebase.generate.pool import GenerationPool
+from rebase.io import write_parquet_atomic
+from rebase.stage import StageDir, read_stats
 from rebase.task import TaskSpec, load_task
-from rebase.teacher.engines import GenerationParams
 from rebase.teacher.parse import check_records, judge_verdict
-from rebase.teacher.pool import GenerationPool
 from rebase.teacher.prompts import judge_prompt, output_schema, prompt_hash, transform_prompt
 
 RECORD_SCHEMA = pa.schema(
@@ -47,7 +48,7 @@ RECORD_SCHEMA = pa.schema(
         ("row", pa.string()),
     ]
 )
-_OWN_FILES = {"answers", "judged", "records.parquet", "stats.json", "_SUCCESS"}
+_OWN_FILES = frozenset({"answers", "judged", "records.parquet", "stats.json", "_SUCCESS"})
 
 
 @dataclass
@@ -88,7 +89,8 @@ def transform(config: TransformConfig) -> TransformSummary:
     }
     fingerprint = _fingerprint(task, config, settings)
     out = config.out
-    _check_out(out, fingerprint)
+    stage = StageDir(out, "a rebase transform", _OWN_FILES)
+    stage.check(fingerprint)  # a finished one is redone from its cached answers, cheaply
     schema = output_schema(task) if config.constrained else None
     params = GenerationParams(config.max_new_tokens, config.temperature, schema)
     prompts = [transform_prompt(task, json.loads(row["row"]), config.max_value_chars) for row in rows]
@@ -132,11 +134,9 @@ def transform(config: TransformConfig) -> TransformSummary:
         "generation_seconds": round(run["seconds"], 2),
         "seconds": round(time.monotonic() - started, 2),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "_SUCCESS").unlink(missing_ok=True)
+    stage.begin(fingerprint)
     write_parquet_atomic(out / "records.parquet", pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
-    write_json_atomic(out / "stats.json", stats)
-    (out / "_SUCCESS").write_text("")
+    stage.finish(stats)
     return TransformSummary(
         out=out,
         rows=len(records),
@@ -168,8 +168,7 @@ def read_retrieved(directory: Path, limit: int | None = None) -> list[dict]:
 
 def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str:
     """What makes a transformed directory what it is (not `--limit`: a trial may grow into the full run)."""
-    stats_path = Path(config.retrieved) / "stats.json"
-    retrieved = json.loads(stats_path.read_text()).get("fingerprint") if stats_path.exists() else None
+    retrieved = read_stats(config.retrieved).get("fingerprint")
     payload = {
         "task": task.model_dump(mode="json"),
         "retrieved": retrieved,
@@ -179,16 +178,6 @@ def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str
         "judge": config.judge,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_out(out: Path, fingerprint: str) -> None:
-    """A new directory, an unfinished transform, or a finished one with the same inputs; nothing else."""
-    check_stage_dir(out, _OWN_FILES, "a rebase transform")
-    stats_path = out / "stats.json"
-    if stats_path.exists() and json.loads(stats_path.read_text()).get("fingerprint") != fingerprint:
-        raise RebaseError(
-            f"{out} holds a transform made with another task, retrieval, teacher or settings; choose another --out"
-        )
 
 
 def _apply_verdict(record: dict, answer: dict) -> None:

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 
 from rebase.config import GenerationConfig
 from rebase.errors import RebaseError
+from rebase.generate.engines import GenerationParams, OpenAIEngine, make_engine
 from rebase.io import write_parquet_atomic
 from rebase.progress import heartbeat, progress_bar
 from rebase.ray_setup import POOL_RETRIES, actor_pool
-from rebase.teacher.engines import GenerationParams, OpenAIEngine, make_engine
 
 ANSWER_SCHEMA = pa.schema(
     [

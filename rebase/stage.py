@@ -1,0 +1,90 @@
+"""The stage-directory protocol every stage follows: refuse a directory holding someone else's files,
+refuse one made from other inputs (a fingerprint), resume an unfinished one, and mark a finished one
+with `stats.json` and `_SUCCESS` (written last, so a killed stage is never taken as done)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rebase.errors import RebaseError
+from rebase.io import write_json_atomic
+
+SUCCESS = "_SUCCESS"
+STATS = "stats.json"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """One stage's output directory.
+
+    `own` names the files and folders the stage writes; anything else there is refused. A stage whose
+    directory holds files it cannot list in advance (a student: weights, tokenizer, checkpoints) passes
+    `own=None` and keeps its fingerprint in `fingerprint_file`, written first by `begin`: a non-empty
+    directory without that file is then refused."""
+
+    path: Path
+    what: str
+    own: frozenset[str] | None
+    flag: str = "--out"
+    fingerprint_file: str = STATS
+
+    def refuse_foreign(self) -> None:
+        """Refuse a path that is a file or a directory holding what the stage does not write, so nobody's
+        data is overwritten; temp files left by a killed atomic write do not count."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise RebaseError(f"{self.flag} {path} is a file; choose a directory")
+        names = {p.name for p in path.iterdir() if not _is_temp(p.name)} if path.exists() else set()
+        if self.own is not None and names - self.own:
+            raise RebaseError(f"{self.flag} {path} holds files that are not {self.what}; choose another")
+        if self.own is None and names and not (path / self.fingerprint_file).is_file():
+            raise RebaseError(f"{self.flag} {path} is not empty and is not {self.what}; choose another")
+
+    def check(self, fingerprint: str) -> dict | None:
+        """Refuse foreign files and other inputs; the stats of a finished run with these inputs, else None."""
+        self.refuse_foreign()
+        path = self.path
+        marker = path / self.fingerprint_file
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+            raise RebaseError(
+                f"{path} holds {self.what} made from other inputs or settings; choose another {self.flag}"
+            )
+        return self.finished_stats()
+
+    def finished_stats(self) -> dict | None:
+        """The stats of a finished run in this directory, or None while it is unfinished."""
+        stats = self.path / STATS
+        if not (self.path / SUCCESS).exists() or not stats.is_file():
+            return None
+        return json.loads(stats.read_text())
+
+    def begin(self, fingerprint: str, **record) -> None:
+        """Open the directory for (re)writing: it is no longer finished until `finish`; a separate
+        fingerprint file is written now, so a re-run with other inputs is refused even mid-way."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / SUCCESS).unlink(missing_ok=True)
+        if self.fingerprint_file != STATS:
+            write_json_atomic(self.path / self.fingerprint_file, {"fingerprint": fingerprint, **record})
+
+    def finish(self, stats: dict) -> None:
+        """Write stats.json, then `_SUCCESS`: the stage is done."""
+        write_json_atomic(self.path / STATS, stats)
+        (self.path / SUCCESS).write_text("")
+
+
+def _is_temp(name: str) -> bool:
+    """A temp file left by a killed atomic write (rebase.io): not a foreign file."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def is_finished(directory: Path) -> bool:
+    """Whether a stage directory is marked done."""
+    return (Path(directory) / SUCCESS).exists()
+
+
+def read_stats(directory: Path) -> dict:
+    """A stage directory's stats.json, {} when there is none."""
+    path = Path(directory).expanduser() / STATS
+    return json.loads(path.read_text()) if path.is_file() else {}
