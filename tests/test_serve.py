@@ -1,6 +1,7 @@
-"""`rebase serve`: request validation as plain functions, then the real Ray Serve app on a loopback port
-called with the official OpenAI SDK (completions, chat, streaming, the task route), the API key, a sweep
-of malformed and hostile requests, and concurrent requests decoded in shared batches."""
+"""`rebase serve` (the protocol's pure functions: tests/test_serve_openai.py): the application build_app
+makes, then the real Ray Serve app on a loopback port called with the official OpenAI SDK (completions,
+chat, streaming, the task route), the API key, a sweep of malformed and hostile requests, and concurrent
+requests decoded in shared batches."""
 
 from __future__ import annotations
 
@@ -18,43 +19,24 @@ import requests
 from openai_server import free_port
 
 from rebase.config import ServeConfig
-from rebase.serve import ChatRequest, CompletionRequest, RequestError, check_limits, parse_request, stop_strings
 
 KEY = "test-key-123"
 
 
-def test_requests_are_parsed_strictly():
-    body = parse_request(b'{"model": "m", "prompt": "hi", "max_tokens": 3}', CompletionRequest)
-    assert body.prompt == "hi" and body.max_tokens == 3 and body.temperature == 0.0
-    cases = [
-        (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "must be a JSON object"),
-        (b'{"model": "m"}', "prompt"),
-        (b'{"model": "m", "prompt": "x", "max_tokens": "5"}', "max_tokens"),
-        (b'{"model": "m", "prompt": "x", "extra": 1}', "extra"),
-        (b'{"model": "m", "prompt": 7}', "prompt"),
-    ]
-    for raw, where in cases:
-        with pytest.raises(RequestError) as refused:
-            parse_request(raw, CompletionRequest)
-        assert refused.value.status == 400 and where in refused.value.message
-    with pytest.raises(RequestError, match="messages"):
-        parse_request(b'{"model": "m", "messages": []}', ChatRequest)
+def test_build_app_scales_and_names_the_deployment():
+    from rebase.serve import build_app, served_name
 
-
-def test_stop_strings_and_limits():
-    assert stop_strings(None) == [] and stop_strings("\n") == ["\n"] and stop_strings(["a", "b"]) == ["a", "b"]
-    for bad in (["a"] * 5, [""], ["x" * 65]):
-        with pytest.raises(RequestError, match="stop"):
-            stop_strings(bad)
-    config = ServeConfig(model="m", max_tokens_limit=10, max_choices=2)
-    check_limits(config, 10, 2, 1.0)
-    for args, param in (((11, 1, 1.0), "max_tokens"), ((5, 3, 1.0), "n"), ((5, 1, 0.5), "top_p")):
-        with pytest.raises(RequestError) as refused:
-            check_limits(config, *args)
-        assert refused.value.param == param
-    with pytest.raises(ValueError, match="min_replicas"):
-        ServeConfig(model="m", min_replicas=3, max_replicas=2)
+    fixed = build_app({"model": "builtin:gemma3-270m", "task": "jobs/tasks/navigate.yaml", "name": "student"})
+    deployment = fixed._bound_deployment
+    assert deployment.name == "StudentServer" and deployment.num_replicas == 1
+    assert deployment.max_ongoing_requests == 64 and deployment.ray_actor_options["num_cpus"] == 1
+    config, task = deployment.init_args
+    assert config.name == "student" and config.model == "builtin:gemma3-270m" and task.name == "navigate"
+    scaled = build_app(ServeConfig(model="builtin:gemma3-270m", min_replicas=1, max_replicas=3))._bound_deployment
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 8.0)
+    assert served_name(ServeConfig(model="builtin:gemma3-270m")) == "builtin:gemma3-270m"
+    assert served_name(ServeConfig(model=str(Path("jobs/tasks").resolve()))) == "tasks"  # a directory: its name
 
 
 @pytest.fixture(scope="module")

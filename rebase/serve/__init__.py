@@ -1,0 +1,141 @@
+"""`rebase serve`: a student as an OpenAI-compatible endpoint on Ray Serve.
+
+One deployment, `StudentServer` (`rebase/serve/app.py`): a FastAPI ingress and the model in each replica,
+replicas autoscaled by Ray Serve. Concurrent requests are decoded together: `@serve.batch` collects them
+and the engine's stepwise decode loop advances every request of the batch in one forward pass per token,
+streaming each request's tokens back as they come (server-sent events with `stream: true`). The protocol
+itself (request models, limits, response bodies) is `rebase/serve/openai.py`, plain functions.
+
+Routes (every one but `/healthz` needs `Authorization: Bearer KEY` when $REBASE_API_KEY is set):
+    GET  /healthz                                        liveness, no key needed
+    GET  /v1/models                                      the one model served
+    POST /v1/completions, /v1/chat/completions           the prompt as sent (chat: the model's chat
+                                                         template, or the messages' text joined)
+    POST /tasks/TASK/v1/completions, .../chat/completions  raw inputs put in the task's prompt format
+Requests are validated strictly (unknown fields, wrong types, out-of-range values: 400 with an OpenAI-style
+error body; bodies over the limit: 413); the model a request names is only matched against the served
+name, never loaded, so no request can make the server open a path or run code.
+
+With `engine: vllm` the application is Ray Serve LLM's OpenAI app over vLLM instead (one GPU per replica,
+its own routes and request limits, no task routes); `vllm_llm_config` is the config it is built from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rebase.config import ServeConfig, build_config
+from rebase.errors import RebaseError
+from rebase.models import BUILTINS, canonical_model_name, resolve_model
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+    from ray.serve.llm import LLMConfig
+
+__all__ = ["build_app", "served_name", "serve_student", "vllm_llm_config"]
+
+
+def served_name(config: ServeConfig) -> str:
+    """The model name clients send: the configured name, else a student directory's name, else the model."""
+    if config.name:
+        return config.name
+    path = Path(config.model).expanduser()
+    return path.resolve().name if path.is_dir() else config.model
+
+
+def build_app(args: dict | ServeConfig) -> Application:
+    """The Serve application for a ServeConfig or its fields (what `serve run jobs/serve.yaml` imports)."""
+    config = args if isinstance(args, ServeConfig) else build_config(ServeConfig, args, "serve config")
+    if config.engine == "vllm":
+        try:
+            from ray.serve.llm import build_openai_app
+        except ImportError as error:
+            raise _no_serve_llm(error) from None
+        return build_openai_app({"llm_configs": [vllm_llm_config(config)]})
+    from rebase.serve.app import StudentServer
+    from rebase.task import load_task
+
+    task = load_task(config.task) if config.task is not None else None  # a bad file fails here, once
+    # Replicas get the served name and an absolute model path: their working directory is not ours.
+    replica_config = config.model_copy(
+        update={"model": canonical_model_name(config.model), "name": served_name(config)}
+    )
+    return StudentServer.options(**_student_options(config)).bind(replica_config, task)
+
+
+def vllm_llm_config(config: ServeConfig) -> LLMConfig:
+    """Ray Serve LLM's config for serving `config`'s model with vLLM: the same served name and the same
+    replica counts and request concurrency as the transformers deployment."""
+    try:
+        from ray.serve.llm import LLMConfig
+    except ImportError as error:
+        raise _no_serve_llm(error) from None
+    # A built-in is converted once into the cache; an HF id is left for vLLM to fetch on its GPU node.
+    source = str(resolve_model(config.model)) if config.model in BUILTINS else canonical_model_name(config.model)
+    return LLMConfig(
+        model_loading_config={"model_id": served_name(config), "model_source": source},
+        deployment_config=_scaling(config),
+    )
+
+
+def _no_serve_llm(error: ImportError) -> RebaseError:
+    return RebaseError(f"engine vllm needs Ray Serve LLM with vLLM on the GPU nodes ({error})")
+
+
+def _scaling(config: ServeConfig) -> dict:
+    """Replica count (fixed, or autoscaled between min and max) and requests per replica, as Serve options."""
+    if config.min_replicas == config.max_replicas:
+        replicas: dict = {"num_replicas": config.min_replicas}
+    else:
+        replicas = {
+            "autoscaling_config": {
+                "min_replicas": config.min_replicas,
+                "max_replicas": config.max_replicas,
+                "target_ongoing_requests": config.target_ongoing_requests,
+            }
+        }
+    return {**replicas, "max_ongoing_requests": config.max_ongoing_requests}
+
+
+def _student_options(config: ServeConfig) -> dict:
+    """StudentServer's deployment options: scaling, one CPU per replica, a GPU if the cluster has one."""
+    actor: dict = {"num_cpus": 1}
+    key = os.environ.get(config.api_key_env)
+    if key:  # replicas on other nodes do not see this shell's environment
+        actor["runtime_env"] = {"env_vars": {config.api_key_env: key}}
+    if _cluster_gpus() > 0:
+        actor["num_gpus"] = 1
+    return {**_scaling(config), "ray_actor_options": actor}
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def serve_student(config: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
+    """Deploy the student on the local (or RAY_ADDRESS) Ray and block until Ctrl-C; `ready(url)` is
+    called once the endpoint answers."""
+    from ray import serve
+
+    from rebase.ray_setup import ensure_ray
+
+    resolve_model(config.model)  # a model that cannot be found offline: one line, before Ray starts
+    ensure_ray()
+    application = build_app(config)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application, name="rebase", route_prefix="/", blocking=False)
+    url = f"http://{config.host}:{config.port}/v1"
+    print(f"serving {served_name(config)} at {url} (Ctrl-C stops)", flush=True)
+    if ready is not None:
+        ready(url)
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        serve.shutdown()
