@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from browser import render, screenshot
+from browser import needs_chromium, render, screenshot
 
 from rebase.report import write_report
 
@@ -237,6 +237,7 @@ def test_a_failed_stage_and_a_missing_run_json_still_give_a_report(tmp_path):
     assert {"12.5s", "3.2s"} <= set(_plot_text(run_dir / "report" / "stages.svg"))  # from each stats.json
 
 
+@needs_chromium
 def test_chromium_draws_every_plot(tmp_path):
     full = write_report(make_run_dir(tmp_path / "full"))
     partial = write_report(make_run_dir(tmp_path / "partial", stages=("datastore", "retrieve")))
@@ -247,6 +248,7 @@ def test_chromium_draws_every_plot(tmp_path):
     assert 'data-rendered-plots="3"' in render(partial, tmp_path)
 
 
+@needs_chromium
 def test_chromium_screenshot_of_the_report_is_not_blank(tmp_path):
     page = write_report(make_run_dir(tmp_path / "run"))
     png = screenshot(page, tmp_path, tmp_path / "report.png")

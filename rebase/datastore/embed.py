@@ -62,7 +62,7 @@ def embedding_dimension(model_path: str) -> int:
                     if dense:
                         return int(json.loads(dense[-1].read_text())["out_features"])
                     return int(config[key])
-    return Embedder(model_path).model.get_sentence_embedding_dimension()
+    return Embedder(model_path).encode(["dimension"]).shape[1]  # no config says it: ask the model
 
 
 def read_pending_block(batch: pa.Table) -> pa.Table:
