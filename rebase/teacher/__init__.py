@@ -1,4 +1,4 @@
-"""The teacher: prompts, engines (transformers, vLLM, OpenAI-compatible), parsing and the transform stage."""
+"""The teacher: prompts, parsing and validation gates, and the transform stage (engines live in rebase.generate)."""
 
 from rebase.teacher.transform import TransformSummary, transform
 
