@@ -27,7 +27,7 @@ from pathlib import Path
 from rebase.config import TrainConfig
 from rebase.models import resolve_model
 from rebase.task import load_task
-from rebase.train import build_student, collate, encode_training_set, train
+from rebase.train import LoraSettings, build_student, collate, encode_training_set, train
 
 TASK = Path(__file__).resolve().parent.parent / "jobs" / "tasks" / "navigate.yaml"
 
@@ -56,33 +56,25 @@ def examples(count: int) -> list[dict]:
     return made
 
 
-def baseline(rows: list[dict], args, threads: int) -> dict:
-    """A plain loop: no Ray, no DeepSpeed, HF's loss over the full logits."""
+def baseline(rows: list[dict], config: TrainConfig, threads: int) -> dict:
+    """A plain loop: no Ray, no DeepSpeed, HF's loss over the full logits; the stage's model, LoRA and rate."""
     import numpy as np
     import torch
     from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    path = resolve_model("builtin:gemma3-270m")
-    settings = {
-        "model_path": str(path),
-        "lora": True,
-        "lora_rank": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "lora_target_modules": "all-linear",
-    }
-    model = build_student(settings)
+    path = resolve_model(config.student)
+    model = build_student(path, LoraSettings.of(config))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.effective_learning_rate)
     pad = AutoTokenizer.from_pretrained(path).pad_token_id
     order = list(rows)
     random.Random(0).shuffle(order)  # as the stage does
     tokens, seconds, losses = 0, 0.0, []
-    for _ in range(args.epochs):
-        for start in range(0, len(order), args.batch_size):
-            chunk = order[start : start + args.batch_size]
+    for _ in range(config.epochs):
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start : start + config.batch_size]
             batch = collate(
                 {
                     "input_ids": np.array([r["input_ids"] for r in chunk], dtype=object),
@@ -108,17 +100,8 @@ def baseline(rows: list[dict], args, threads: int) -> dict:
     }
 
 
-def stage(data: Path, out: Path, args, workers: int, zero: int, threads: int | None) -> dict:
-    config = TrainConfig(
-        data=data,
-        task=TASK,
-        out=out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        workers=workers,
-        zero_stage=zero,
-        threads=threads,
-    )
+def stage(config: TrainConfig, out: Path, workers: int, zero: int, threads: int | None) -> dict:
+    config = config.model_copy(update={"out": out, "workers": workers, "zero_stage": zero, "threads": threads})
     started = time.monotonic()
     summary = train(config)
     return {
@@ -142,18 +125,20 @@ def main() -> None:
     pairs = examples(args.examples)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:gemma3-270m"))
-    rows, _, _ = encode_training_set(load_task(TASK), pairs, tokenizer, 512)
-    results: dict = {"examples": len(rows), "mean_tokens": round(sum(len(r["input_ids"]) for r in rows) / len(rows))}
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "examples.jsonl"
         data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-        results["baseline"] = baseline(rows, args, threads)
+        config = TrainConfig(data=data, task=TASK, out=scratch, epochs=args.epochs, batch_size=args.batch_size)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.student))
+        rows = encode_training_set(load_task(TASK), pairs, tokenizer, config.max_length).rows
+        mean_tokens = round(sum(len(r["input_ids"]) for r in rows) / len(rows))
+        results: dict = {"examples": len(rows), "mean_tokens": mean_tokens}
+        results["baseline"] = baseline(rows, config, threads)
         print("baseline", results["baseline"], flush=True)
-        results["stage_1_worker_zero0"] = stage(data, Path(scratch) / "one", args, 1, 0, None)
+        results["stage_1_worker_zero0"] = stage(config, Path(scratch) / "one", 1, 0, None)
         print("stage, 1 worker, ZeRO-0", results["stage_1_worker_zero0"], flush=True)
         if not args.skip_two_workers:
-            results["stage_2_workers_zero2"] = stage(data, Path(scratch) / "two", args, 2, 2, 1)
+            results["stage_2_workers_zero2"] = stage(config, Path(scratch) / "two", 2, 2, 1)
             print("stage, 2 workers, ZeRO-2", results["stage_2_workers_zero2"], flush=True)
     base = results["baseline"]["tokens_per_second"]
     results["ratio_stage_vs_baseline"] = round(results["stage_1_worker_zero0"]["tokens_per_second"] / base, 2)

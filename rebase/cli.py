@@ -7,7 +7,24 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
+from pydantic import BaseModel
+
+from rebase.config import (
+    STAGES,
+    DatastoreConfig,
+    Engine,
+    EvaluateConfig,
+    GenerationConfig,
+    IndexKind,
+    RetrieveConfig,
+    ServeConfig,
+    TrainConfig,
+    TransformConfig,
+    build_config,
+    load_config,
+)
 from rebase.errors import RebaseError
 
 
@@ -19,10 +36,23 @@ def _concurrency(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError("expected MIN,MAX (for example 1,4)") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rebase", description="Retrieval Based Distillation on Ray")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _option(parser: argparse.ArgumentParser, model: type[BaseModel], name: str, *flags: str, **kwargs) -> None:
+    """Add the flag that sets `model`'s field `name` (default `--field-name`). Its help is the field's
+    description (or `help`) and the field's default, both read from config.py, so neither can drift."""
+    field = model.model_fields[name]
+    text = kwargs.pop("help", None) or field.description
+    # None and booleans: the description says what the default does ("default: once per epoch")
+    if not field.is_required() and field.default is not None and not isinstance(field.default, bool):
+        text = f"{text} (default {field.default})"
+    kwargs.setdefault("dest", name)
+    parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), help=text.replace("%", "%%"), **kwargs)
 
+
+def _config_flag(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    parser.add_argument("--config", type=Path, help=f"YAML file of {model.__name__} fields; flags override it")
+
+
+def _datastore_parser(commands) -> None:
     datastore = commands.add_parser("datastore", help="build and inspect the retrieval datastore")
     datastore_commands = datastore.add_subparsers(dest="datastore_command", required=True)
     build = datastore_commands.add_parser(
@@ -30,113 +60,116 @@ def _parser() -> argparse.ArgumentParser:
         help="ingest sources, embed their cells, index them",
         description="SPEC is bigbench[:task,...], files:PATH_OR_GLOB (parquet, jsonl, csv) or hf:DATASET_ID[:CONFIG].",
     )
-    build.add_argument("--config", type=Path, help="YAML file of DatastoreConfig fields; flags override it")
-    build.add_argument("--source", dest="sources", action="append", metavar="SPEC", help="repeatable")
-    build.add_argument("--out", type=Path, help="datastore directory (created, or extended if it exists)")
-    build.add_argument("--embedder", help="builtin:minilm (default), a local directory or an HF id")
-    build.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw"])
-    build.add_argument("--rows-per-dataset", type=int, dest="rows_per_dataset")
-    build.add_argument("--max-value-chars", type=int, dest="max_value_chars")
-    build.add_argument("--description", help="description for files: sources that have no sidecar")
-    build.add_argument("--block-rows", type=int, dest="block_rows")
-    build.add_argument("--embed-batch-size", type=int, dest="embed_batch_size")
-    build.add_argument("--embed-concurrency", type=_concurrency, dest="embed_concurrency", metavar="MIN,MAX")
-    build.add_argument("--embed-threads", type=int, dest="embed_threads")
-    build.add_argument("--embed-max-tokens", type=int, dest="embed_max_tokens")
-    build.add_argument("--shard-vectors", type=int, dest="shard_vectors")
+    _config_flag(build, DatastoreConfig)
+    _option(build, DatastoreConfig, "sources", "--source", action="append", metavar="SPEC", help="one SPEC; repeatable")
+    _option(build, DatastoreConfig, "out", type=Path)
+    _option(build, DatastoreConfig, "embedder")
+    _option(build, DatastoreConfig, "index", choices=get_args(IndexKind))
+    for name in ("rows_per_dataset", "max_value_chars", "block_rows", "embed_batch_size", "embed_threads"):
+        _option(build, DatastoreConfig, name, type=int)
+    _option(build, DatastoreConfig, "description")
+    _option(build, DatastoreConfig, "embed_concurrency", type=_concurrency, metavar="MIN,MAX")
+    _option(build, DatastoreConfig, "embed_max_tokens", type=int)
+    _option(build, DatastoreConfig, "shard_vectors", type=int)
+    info = datastore_commands.add_parser("info", help="describe a datastore")
+    info.add_argument("directory", type=Path)
+    info.add_argument("--json", action="store_true", help="print the description as JSON")
 
+
+def _retrieve_parser(commands) -> None:
     retrieve = commands.add_parser("retrieve", help="score every datastore row for a task; keep the top K")
-    retrieve.add_argument("--config", type=Path, help="YAML file of RetrieveConfig fields; flags override it")
-    retrieve.add_argument("--datastore", type=Path)
-    retrieve.add_argument("--task", type=Path, help="task YAML file")
-    retrieve.add_argument("--out", type=Path, help="retrieved directory to write")
-    retrieve.add_argument("--top-k", type=int, dest="top_k", help="rows to keep (default 3000)")
-    retrieve.add_argument("--exact", action="store_const", const=True, help="score every row (default: ANN candidates)")
-    retrieve.add_argument("--depth", type=int, help="nearest values per query vector and shard (default 4000)")
-    retrieve.add_argument(
-        "--dataset-rows",
-        type=int,
-        dest="dataset_rows",
-        help="rows of the datasets whose descriptions are closest to the instruction, also re-scored "
-        "(default 2 x top-k)",
-    )
-    retrieve.add_argument("--per-dataset-cap", type=int, dest="per_dataset_cap", help="most rows from one dataset")
-    retrieve.add_argument("--embedder", help="must match the datastore's embedder")
+    _config_flag(retrieve, RetrieveConfig)
+    for name in ("datastore", "task", "out"):
+        _option(retrieve, RetrieveConfig, name, type=Path)
+    for name in ("top_k", "depth", "dataset_rows", "per_dataset_cap"):
+        _option(retrieve, RetrieveConfig, name, type=int)
+    _option(retrieve, RetrieveConfig, "exact", action="store_const", const=True)
+    _option(retrieve, RetrieveConfig, "embedder")
 
+
+def _generation_options(parser: argparse.ArgumentParser, model: type[GenerationConfig]) -> None:
+    """The flags `transform` and `evaluate` share: how text is generated."""
+    _option(parser, model, "engine", choices=get_args(Engine))
+    _option(parser, model, "base_url")
+    _option(parser, model, "batch_size", type=int)
+    _option(parser, model, "concurrency", type=_concurrency, metavar="MIN,MAX")
+    _option(parser, model, "threads", type=int)
+    _option(parser, model, "max_new_tokens", type=int)
+
+
+def _transform_parser(commands) -> None:
     transform = commands.add_parser("transform", help="the teacher turns retrieved rows into task examples")
-    transform.add_argument("--config", type=Path, help="YAML file of TransformConfig fields; flags override it")
-    transform.add_argument("--retrieved", type=Path, help="retrieved directory (from rebase retrieve)")
-    transform.add_argument("--task", type=Path, help="task YAML file")
-    transform.add_argument("--out", type=Path, help="transformed directory (created, or resumed)")
-    transform.add_argument(
-        "--teacher", help="builtin:gemma3-270m (default), a model directory, an HF id, or a served name"
-    )
-    transform.add_argument("--engine", choices=["transformers", "vllm", "openai"])
-    transform.add_argument("--limit", type=int, help="only the best-ranked N rows (a cheap trial)")
-    transform.add_argument("--base-url", dest="base_url", help="engine openai: the endpoint's /v1 URL")
-    transform.add_argument("--batch-size", type=int, dest="batch_size", help="prompts decoded together")
-    transform.add_argument("--prompts-per-call", type=int, dest="prompts_per_call", help="the unit written to disk")
-    transform.add_argument("--concurrency", type=_concurrency, metavar="MIN,MAX", help="teacher actors")
-    transform.add_argument("--threads", type=int, help="torch threads per CPU actor")
-    transform.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
-    transform.add_argument("--temperature", type=float)
-    transform.add_argument("--judge", action="store_true", default=None, help="second pass: yes/no fit check")
-    transform.add_argument(
-        "--unconstrained", dest="constrained", action="store_false", default=None, help="no constrained decoding"
+    _config_flag(transform, TransformConfig)
+    for name in ("retrieved", "task", "out"):
+        _option(transform, TransformConfig, name, type=Path)
+    _option(transform, TransformConfig, "teacher")
+    _option(transform, TransformConfig, "limit", type=int)
+    _generation_options(transform, TransformConfig)
+    _option(transform, TransformConfig, "prompts_per_call", type=int)
+    _option(transform, TransformConfig, "temperature", type=float)
+    _option(transform, TransformConfig, "judge", action="store_true", default=None)
+    _option(
+        transform,
+        TransformConfig,
+        "constrained",
+        "--unconstrained",
+        action="store_false",
+        default=None,
+        help="no constrained decoding",
     )
 
+
+def _train_parser(commands) -> None:
     train = commands.add_parser("train", help="Ray Train + DeepSpeed fine-tune the student on the teacher's examples")
-    train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields; flags override it")
-    train.add_argument("--data", type=Path, help="transformed directory, or a jsonl/parquet/csv of input,output")
-    train.add_argument("--task", type=Path, help="task YAML file")
-    train.add_argument("--out", type=Path, help="student directory (created, or resumed)")
-    train.add_argument("--student", help="builtin:gemma3-270m (default), a model directory or an HF id")
-    train.add_argument("--full", action="store_true", default=None, help="fine-tune every weight, not LoRA")
-    train.add_argument("--lora-rank", type=int, dest="lora_rank")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-steps", type=int, dest="max_steps", help="stop after N optimizer steps")
-    train.add_argument("--learning-rate", type=float, dest="learning_rate")
-    train.add_argument("--batch-size", type=int, dest="batch_size", help="examples per worker per step")
-    train.add_argument("--gradient-accumulation", type=int, dest="gradient_accumulation")
-    train.add_argument("--max-length", type=int, dest="max_length", help="tokens per example")
-    train.add_argument("--few-shot", action="store_true", default=None, dest="few_shot")
-    train.add_argument("--zero-stage", type=int, dest="zero_stage", help="DeepSpeed ZeRO stage 0-3")
-    train.add_argument("--workers", type=int, help="Ray Train workers")
-    train.add_argument("--device", choices=["auto", "cpu", "gpu"])
-    train.add_argument("--threads", type=int, help="torch threads per CPU worker")
-    train.add_argument("--storage-path", dest="storage_path", help="checkpoints: a directory or a cloud URI")
-    train.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="steps (default: per epoch)")
+    _config_flag(train, TrainConfig)
+    for name in ("data", "task", "out"):
+        _option(train, TrainConfig, name, type=Path)
+    _option(train, TrainConfig, "student")
+    _option(train, TrainConfig, "full", action="store_true", default=None)
+    for name in ("lora_rank", "epochs", "max_steps", "batch_size", "gradient_accumulation", "max_length"):
+        _option(train, TrainConfig, name, type=int)
+    _option(train, TrainConfig, "learning_rate", type=float)
+    _option(train, TrainConfig, "few_shot", action="store_true", default=None)
+    for name in ("zero_stage", "workers", "threads", "checkpoint_every"):
+        _option(train, TrainConfig, name, type=int)
+    _option(train, TrainConfig, "device", choices=get_args(TrainConfig.model_fields["device"].annotation))
+    _option(train, TrainConfig, "storage_path")
 
+
+def _evaluate_parser(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="score a model on held-out data, optionally beside another")
-    evaluate.add_argument("--config", type=Path, help="YAML file of EvaluateConfig fields; flags override it")
-    evaluate.add_argument("--model", help="student directory, built-in, HF id, or served name (engine openai)")
-    evaluate.add_argument("--task", type=Path, help="task YAML file")
-    evaluate.add_argument("--data", help="held-out data SPEC (default: the task file's eval)")
-    evaluate.add_argument("--out", type=Path, help="evaluation directory (created, or resumed)")
-    evaluate.add_argument("--compare", help="a second model; 'base' is the student's base model")
-    evaluate.add_argument("--limit", type=int, help="a fixed sample of N examples")
-    evaluate.add_argument("--few-shot", action="store_true", default=None, dest="few_shot")
-    evaluate.add_argument("--engine", choices=["transformers", "vllm", "openai"])
-    evaluate.add_argument("--base-url", dest="base_url", help="engine openai: the endpoint's /v1 URL")
-    evaluate.add_argument("--batch-size", type=int, dest="batch_size", help="prompts decoded together")
-    evaluate.add_argument("--concurrency", type=_concurrency, metavar="MIN,MAX", help="generation actors")
-    evaluate.add_argument("--threads", type=int, help="torch threads per CPU actor")
-    evaluate.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    _config_flag(evaluate, EvaluateConfig)
+    _option(evaluate, EvaluateConfig, "model")
+    _option(evaluate, EvaluateConfig, "task", type=Path)
+    _option(evaluate, EvaluateConfig, "data")
+    _option(evaluate, EvaluateConfig, "out", type=Path)
+    _option(evaluate, EvaluateConfig, "compare")
+    _option(evaluate, EvaluateConfig, "limit", type=int)
+    _option(evaluate, EvaluateConfig, "few_shot", action="store_true", default=None)
+    _generation_options(evaluate, EvaluateConfig)
 
+
+def _serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve a model as an OpenAI-compatible endpoint (Ray Serve)")
-    serve.add_argument("--config", type=Path, help="YAML file of ServeConfig fields; flags override it")
-    serve.add_argument("--model", help="student directory, built-in or HF id")
-    serve.add_argument("--task", type=Path, help="task file: adds /tasks/NAME/v1/... routes taking raw inputs")
-    serve.add_argument("--engine", choices=["transformers", "vllm"], help="vllm: Ray Serve LLM on GPU nodes")
-    serve.add_argument("--name", help="the model name clients send (default: the directory's name)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--min-replicas", type=int, dest="min_replicas")
-    serve.add_argument("--max-replicas", type=int, dest="max_replicas")
-    serve.add_argument("--max-batch-size", type=int, dest="max_batch_size", help="requests decoded together")
-    serve.add_argument("--threads", type=int, help="torch threads per CPU replica")
+    _config_flag(serve, ServeConfig)
+    _option(serve, ServeConfig, "model")
+    _option(serve, ServeConfig, "task", type=Path)
+    _option(serve, ServeConfig, "engine", choices=get_args(ServeConfig.model_fields["engine"].annotation))
+    _option(serve, ServeConfig, "name")
+    _option(serve, ServeConfig, "host")
+    for name in ("port", "min_replicas", "max_replicas", "max_batch_size", "threads"):
+        _option(serve, ServeConfig, name, type=int)
 
-    from rebase.config import STAGES
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rebase", description="Retrieval Based Distillation on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _datastore_parser(commands)
+    _retrieve_parser(commands)
+    _transform_parser(commands)
+    _train_parser(commands)
+    _evaluate_parser(commands)
+    _serve_parser(commands)
 
     run = commands.add_parser("run", help="every stage of a pipeline file in one run directory; re-run resumes")
     run.add_argument("pipeline", type=Path, help="pipeline YAML file (jobs/configs/demo.yaml)")
@@ -152,17 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="each stage of a run: state, time, headline figures")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     status.add_argument("--json", action="store_true", help="print the states as JSON")
-
-    info = datastore_commands.add_parser("info", help="describe a datastore")
-    info.add_argument("directory", type=Path)
-    info.add_argument("--json", action="store_true", help="print the description as JSON")
     return parser
 
 
 def _stage_config(model, args: argparse.Namespace, needs: str):
     """A stage's config from --config FILE and the flags named after its fields (flags win)."""
-    from rebase.config import build_config, load_config
-
     overrides = {name: getattr(args, name, None) for name in model.model_fields}
     if args.config:
         return load_config(model, args.config, overrides)
@@ -173,7 +200,6 @@ def _stage_config(model, args: argparse.Namespace, needs: str):
 
 
 def _datastore_build(args: argparse.Namespace) -> int:
-    from rebase.config import DatastoreConfig
     from rebase.datastore import build_datastore
 
     args.command = "datastore build"
@@ -183,7 +209,6 @@ def _datastore_build(args: argparse.Namespace) -> int:
 
 
 def _transform(args: argparse.Namespace) -> int:
-    from rebase.config import TransformConfig
     from rebase.teacher import transform
 
     summary = transform(_stage_config(TransformConfig, args, "--retrieved DIR, --task TASK.yaml and --out DIR"))
@@ -192,7 +217,6 @@ def _transform(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rebase.config import TrainConfig
     from rebase.train import train
 
     summary = train(_stage_config(TrainConfig, args, "--data DIR_OR_FILE, --task TASK.yaml and --out DIR"))
@@ -201,7 +225,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rebase.config import EvaluateConfig
     from rebase.evaluate import evaluate
 
     summary = evaluate(_stage_config(EvaluateConfig, args, "--model MODEL, --task TASK.yaml and --out DIR"))
@@ -211,7 +234,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rebase.config import ServeConfig
     from rebase.serve import serve_student
 
     serve_student(_stage_config(ServeConfig, args, "--model MODEL"))
@@ -274,7 +296,6 @@ def _datastore_info(args: argparse.Namespace) -> int:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from rebase.config import RetrieveConfig
     from rebase.retrieve import retrieve_stage
 
     print(retrieve_stage(_stage_config(RetrieveConfig, args, "--datastore DIR, --task TASK.yaml and --out DIR")).line())

@@ -11,6 +11,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from rebase.errors import RebaseError
 
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+TASK_FILE = "task YAML file"
+# The learning rate when none is given (TrainConfig.effective_learning_rate): adapters take larger steps.
+LORA_LEARNING_RATE = 2e-4
+FULL_LEARNING_RATE = 2e-5
+
+
+def _short(rate: float) -> str:
+    return f"{rate:.0e}".replace("e-0", "e-")  # 2e-4, not 0.0002 or 2e-04
 
 
 def _check_range(value: tuple[int, int]) -> tuple[int, int]:
@@ -29,10 +37,12 @@ class StageConfig(BaseModel):
 class DatastoreConfig(StageConfig):
     """`rebase datastore build`: which sources, which embedder, how rows become cells and vectors."""
 
-    sources: list[str] = Field(min_length=1)
-    out: Path
-    embedder: str = "builtin:minilm"
-    index: IndexKind = "auto"
+    sources: list[str] = Field(
+        min_length=1, description="SPECs to ingest: bigbench[:task,...], files:PATH_OR_GLOB, hf:DATASET_ID[:CONFIG]"
+    )
+    out: Path = Field(description="datastore directory (created, or extended if it exists)")
+    embedder: str = Field("builtin:minilm", description="a built-in, a local model directory or an HF id")
+    index: IndexKind = Field("auto", description="FAISS index kind; auto: flat up to flat_max_vectors, else IVF")
     rows_per_dataset: int = Field(1000, ge=1, description="row cap per dataset, sampled evenly (paper: 1,000)")
     max_value_chars: int = Field(1000, ge=16, description="longer cell values are truncated")
     embed_max_tokens: int | None = Field(
@@ -103,9 +113,9 @@ class GenerationConfig(StageConfig):
     """How a stage generates text (the teacher in `transform`, the student in `evaluate`): which engine,
     how many prompts at once, how many actors, and for an endpoint how to reach it."""
 
-    engine: Engine = "transformers"
-    max_new_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    engine: Engine = Field("transformers", description="how text is generated")
+    max_new_tokens: int = Field(512, ge=1, description="most tokens generated per answer")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature; 0 decodes greedily")
     batch_size: int = Field(32, ge=1, description="transformers engine: prompts decoded together (one forward pass)")
     prompts_per_call: int = Field(128, ge=1, description="prompts per actor call; answers are written to disk per call")
     concurrency: Concurrency | None = Field(
@@ -130,9 +140,9 @@ class GenerationConfig(StageConfig):
 class TransformConfig(GenerationConfig):
     """`rebase transform`: which teacher, on which engine, how many at once, how strict."""
 
-    retrieved: Path
-    task: Path
-    out: Path
+    retrieved: Path = Field(description="retrieved directory (from rebase retrieve)")
+    task: Path = Field(description=TASK_FILE)
+    out: Path = Field(description="transformed directory (created, or resumed)")
     teacher: str = Field(
         "builtin:gemma3-270m",
         description="a built-in, a local model directory, an HF id, or the "
@@ -140,7 +150,7 @@ class TransformConfig(GenerationConfig):
     )
     limit: int | None = Field(None, ge=1, description="transform only the best-ranked N rows (a cheap trial)")
     max_value_chars: int = Field(250, ge=16, description="row values are truncated to this in the prompt (paper)")
-    max_new_tokens: int = Field(512, ge=8)
+    max_new_tokens: int = Field(512, ge=8, description="most tokens generated per answer")
     constrained: bool = Field(True, description="constrain answers to the JSON schema (xgrammar, vLLM, json_schema)")
     judge: bool = Field(False, description="second pass: the teacher says yes/no to each ok example (paper's filter)")
 
@@ -149,44 +159,62 @@ class TrainConfig(StageConfig):
     """`rebase train`: the student, LoRA or full fine-tuning, DeepSpeed ZeRO, Ray Train workers, checkpoints."""
 
     data: Path = Field(description="a transformed directory (its ok records) or a jsonl/parquet/csv of input, output")
-    task: Path
+    task: Path = Field(description=TASK_FILE)
     out: Path = Field(description="the student directory: the merged model, model card, stats, checkpoints/")
     student: str = Field("builtin:gemma3-270m", description="a built-in, a local model directory or an HF id")
     full: bool = Field(False, description="fine-tune every weight instead of LoRA adapters")
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
+    lora_rank: int = Field(16, ge=1, description="rank of the LoRA adapters")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling: updates are scaled by alpha / rank")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: list[str] | str = Field("all-linear", description="peft target_modules")
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, description="passes over the training set")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (a trial)")
-    learning_rate: float | None = Field(None, gt=0, description="default 2e-4 with LoRA, 2e-5 for full fine-tuning")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description=f"default {_short(LORA_LEARNING_RATE)} with LoRA, {_short(FULL_LEARNING_RATE)} for full training",
+    )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(8, ge=1, description="examples per worker per forward pass (micro-batch)")
-    gradient_accumulation: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_length: int = Field(512, ge=16, description="tokens per example; longer responses are cut and counted")
     few_shot: bool = Field(False, description="put the task's examples in every prompt (then also when evaluating)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
     workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: a GPU per worker if the cluster has GPUs")
     threads: int | None = Field(None, ge=1, description="torch threads per CPU worker; default CPUs / workers")
-    storage_path: str | None = Field(None, description="checkpoints: a directory or cloud URI (OUT/checkpoints)")
+    storage_path: str | None = Field(None, description="checkpoints: a directory or cloud URI; default OUT/checkpoints")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
     seed: int = 0
+
+    # Derived defaults as properties, not filled-in fields: a student's stats.json and its fingerprint keep
+    # the config as given (None), so students trained before stay recognised.
+    @property
+    def effective_learning_rate(self) -> float:
+        """The learning rate to train with: the one given, else the default for LoRA or full fine-tuning."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return FULL_LEARNING_RATE if self.full else LORA_LEARNING_RATE
+
+    @property
+    def checkpoint_storage(self) -> str:
+        """Where Ray Train keeps checkpoints: `storage_path`, else OUT/checkpoints (absolute: Ray needs it)."""
+        return self.storage_path or str(Path(self.out).absolute() / "checkpoints")
 
 
 class EvaluateConfig(GenerationConfig):
     """`rebase evaluate`: a model's answers on held-out data, scored; optionally beside another model's."""
 
     model: str = Field(description="a student directory, a built-in, an HF id, or the served name (engine openai)")
-    task: Path
+    task: Path = Field(description=TASK_FILE)
     data: str | None = Field(None, description="held-out data as a datastore SPEC; default the task file's eval")
-    out: Path
+    out: Path = Field(description="evaluation directory (created, or resumed)")
     compare: str | None = Field(None, description="a second model scored on the same data ('base': the student's base)")
     limit: int | None = Field(None, ge=1, description="score a fixed sample of N examples")
     few_shot: bool | None = Field(None, description="the task's examples in each prompt (default: as trained)")
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="most tokens generated per answer")
 
 
 class ServeConfig(StageConfig):
@@ -199,12 +227,12 @@ class ServeConfig(StageConfig):
     task: Path | None = Field(None, description="a task file: adds the task's routes (/tasks/NAME/v1/...)")
     name: str | None = Field(None, description="the model name clients send; default the directory's name")
     host: str = Field("127.0.0.1", description="address to bind; anything but loopback is reachable by others")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     few_shot: bool | None = Field(None, description="the task's examples in task-route prompts; default as trained")
     max_batch_size: int = Field(16, ge=1, description="requests decoded together in one forward pass")
     batch_wait_timeout_s: float = Field(0.1, ge=0.0, le=5.0, description="how long a batch waits to fill")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest replicas")
+    max_replicas: int = Field(1, ge=1, description="autoscaling: most replicas")
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling: requests in flight per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once")
     threads: int | None = Field(None, ge=1, description="torch threads per CPU replica; default all cores")
@@ -224,10 +252,10 @@ class ServeConfig(StageConfig):
 class RetrieveConfig(StageConfig):
     """`rebase retrieve`: the top K rows of a datastore for a task by the ReBase score."""
 
-    datastore: Path
-    task: Path
-    out: Path
-    top_k: int = Field(3000, ge=1)
+    datastore: Path = Field(description="datastore directory (from rebase datastore build)")
+    task: Path = Field(description=TASK_FILE)
+    out: Path = Field(description="retrieved directory to write")
+    top_k: int = Field(3000, ge=1, description="rows to keep")
     exact: bool = Field(False, description="score every row instead of re-scoring ANN candidates")
     depth: int = Field(4000, ge=1, description="nearest values per query vector and index shard")
     dataset_rows: int | None = Field(

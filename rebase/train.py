@@ -1,9 +1,10 @@
 """`rebase train`: Ray Train + DeepSpeed fine-tune the student on the teacher's examples (LoRA or full).
 
 A recipe read top to bottom: read the training set, encode it (loss on the response only), start a
-`TorchTrainer` whose workers each run `_train_loop` (DeepSpeed ZeRO 0-3 over a Ray Data shard), report a
-checkpoint every epoch or N steps, then merge the final weights into the student and export a Hugging Face
-directory with a model card. The student directory holds:
+`TorchTrainer` whose workers each run `_train_loop` on one frozen `LoopSettings` (setup: DeepSpeed ZeRO 0-3
+over a Ray Data shard; loop; a checkpoint every epoch or N steps), then merge the final weights into the
+student and export a Hugging Face directory with a model card. The directory follows `rebase.stage.StageDir`
+(its fingerprint in run.json). The student directory holds:
     config.json, model.safetensors, tokenizer files, generation_config.json   the merged student
     README.md         the model card: task, prompt format, lineage, hyperparameters, loss
     stats.json        the same as data, `_SUCCESS` once exported
@@ -23,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,8 +34,8 @@ import pyarrow.parquet as pq
 
 from rebase.config import TrainConfig
 from rebase.errors import RebaseError
-from rebase.io import write_json_atomic
 from rebase.models import canonical_model_name, resolve_model
+from rebase.stage import StageDir
 from rebase.task import TaskSpec, load_task, student_prompt
 
 IGNORE_INDEX = -100  # labels at this value carry no loss (PyTorch's cross-entropy default)
@@ -84,6 +86,8 @@ def read_training_set(path: Path) -> list[dict]:
 
 @dataclass
 class Encoded:
+    """One example as token ids, labels on the response only."""
+
     input_ids: list[int]
     labels: list[int]
     truncated: bool
@@ -107,39 +111,152 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> En
     )
 
 
+@dataclass
+class TrainingSet:
+    """The encoded examples, and how many the length limit cut or dropped."""
+
+    rows: list[dict]  # {"input_ids": [...], "labels": [...]}: the rows of the Ray dataset
+    truncated: int  # responses cut to max_length
+    dropped: int  # examples whose prompt alone fills max_length
+
+
 def encode_training_set(
     task: TaskSpec, pairs: list[dict], tokenizer, max_length: int, few_shot: bool = False
-) -> tuple[list[dict], int, int]:
-    """The examples as token ids in the student's prompt format; how many were cut to `max_length` and how
-    many were dropped (their prompt alone fills it)."""
-    rows, truncated, dropped = [], 0, 0
+) -> TrainingSet:
+    """The examples as token ids in the student's prompt format; how many were cut and how many dropped."""
+    encoded = TrainingSet([], 0, 0)
     for pair in pairs:
-        encoded = encode_example(tokenizer, student_prompt(task, pair["input"], few_shot), pair["output"], max_length)
-        if encoded is None:
-            dropped += 1
+        example = encode_example(tokenizer, student_prompt(task, pair["input"], few_shot), pair["output"], max_length)
+        if example is None:
+            encoded.dropped += 1
             continue
-        truncated += encoded.truncated
-        rows.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
-    return rows, truncated, dropped
+        encoded.truncated += example.truncated
+        encoded.rows.append({"input_ids": example.input_ids, "labels": example.labels})
+    return encoded
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict:
     """A batch of encoded examples as right-padded tensors (padding masked out and carrying no loss)."""
     import torch
 
-    width = max(len(ids) for ids in batch["input_ids"])
-    input_ids = torch.full((len(batch["input_ids"]), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    attention_mask = torch.zeros_like(input_ids)
+    lengths = np.array([len(ids) for ids in batch["input_ids"]])
+    input_ids = np.full((len(lengths), lengths.max()), pad_id, dtype=np.int64)
+    labels = np.full_like(input_ids, IGNORE_INDEX)
     for row, (ids, targets) in enumerate(zip(batch["input_ids"], batch["labels"])):
-        input_ids[row, : len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        labels[row, : len(targets)] = torch.as_tensor(np.asarray(targets, dtype=np.int64))
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(targets)] = targets
+    attention_mask = (np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64)
+    # Arrays made here (Ray Data's are read-only views), so torch shares their memory safely.
+    return {
+        name: torch.from_numpy(array)
+        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))
+    }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the workers run: a GPU each or CPUs only, CPUs reserved per worker, torch threads on CPU."""
+
+    use_gpu: bool
+    cpus: int
+    threads: int | None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft's LoRA adapters: rank, scaling, dropout, which modules get them."""
+
+    rank: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | str
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> LoraSettings | None:
+        """The config's adapters; None when fine-tuning every weight."""
+        if config.full:
+            return None
+        return cls(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What every Ray Train worker needs to build the same model, optimizer and schedule (pickled to them)."""
+
+    model_path: str
+    lora: LoraSettings | None
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    batch_size: int
+    gradient_accumulation: int
+    epochs: int
+    total_steps: int
+    checkpoint_every: int | None
+    zero_stage: int
+    use_gpu: bool
+    threads: int | None
+    pad_id: int
+    seed: int
+
+    @property
+    def method(self) -> str:
+        """How the student is trained, as the summary and model card name it."""
+        return f"LoRA r={self.lora.rank}" if self.lora else "full fine-tuning"
+
+
+def loop_settings(
+    config: TrainConfig, model_path: Path, pad_id: int, examples: int, placement: Placement
+) -> LoopSettings:
+    """The workers' settings: the config's, plus the schedule's length (steps over every epoch)."""
+    per_worker = examples // config.workers  # Ray Data splits the dataset equally
+    batches = math.ceil(per_worker / config.batch_size)
+    total = max(1, batches * config.epochs // config.gradient_accumulation)
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    return LoopSettings(
+        model_path=str(model_path),
+        lora=LoraSettings.of(config),
+        learning_rate=config.effective_learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=int(config.warmup_ratio * total),
+        batch_size=config.batch_size,
+        gradient_accumulation=config.gradient_accumulation,
+        epochs=config.epochs,
+        total_steps=total,
+        checkpoint_every=config.checkpoint_every,
+        zero_stage=config.zero_stage,
+        use_gpu=placement.use_gpu,
+        threads=placement.threads,
+        pad_id=pad_id,
+        seed=config.seed,
+    )
+
+
+@dataclass
+class LoopState:
+    """Where training stands: saved as state.json by rank 0 in every checkpoint, read back on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch
+    losses: list = field(default_factory=list)  # [step, mean loss over workers]
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from_step: int | None = None
+
+    def to_json(self) -> str:
+        """state.json's text."""
+        values = asdict(self)
+        if values["resumed_from_step"] is None:
+            del values["resumed_from_step"]  # as before: only a resumed run records it
+        return json.dumps(values)
 
 
 @dataclass
 class TrainSummary:
+    """What a training run did: the student's stats.json `summary`, and the command's last line."""
+
     out: Path
     student: str
     examples: int
@@ -160,6 +277,7 @@ class TrainSummary:
     losses: list = field(default_factory=list)
 
     def line(self) -> str:
+        """The one-line summary the command prints."""
         if self.already_done:
             return f"{self.out} is already trained ({self.steps} steps, final loss {self.final_loss}); nothing to do"
         resumed = f", resumed from step {self.resumed_from_step}" if self.resumed_from_step else ""
@@ -178,51 +296,35 @@ def train(config: TrainConfig) -> TrainSummary:
     task = load_task(config.task)
     pairs = read_training_set(config.data)
     fingerprint = _fingerprint(task, pairs, config)
-    out = Path(config.out).absolute()
-    if _check_out(out, fingerprint):
-        stats = json.loads((out / "stats.json").read_text())
-        return TrainSummary(**{**stats["summary"], "out": out, "already_done": True})
+    stage = StageDir(Path(config.out).absolute(), "a rebase student", None, fingerprint_file="run.json")
+    done = stage.check(fingerprint)
+    if done is not None:
+        return TrainSummary(**{**done["summary"], "out": stage.path, "already_done": True})
+    # Setup: the student's tokenizer, the encoded examples, where the workers go.
     model_path = resolve_model(config.student)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rows, truncated, dropped = encode_training_set(task, pairs, tokenizer, config.max_length, config.few_shot)
-    if not rows:
+    encoded = encode_training_set(task, pairs, tokenizer, config.max_length, config.few_shot)
+    if not encoded.rows:
         raise RebaseError(f"no example fits --max-length {config.max_length} (every prompt is longer); raise it")
     placement = _placement(config)
-    if len(rows) < config.workers:
-        raise RebaseError(f"{len(rows)} examples cannot feed {config.workers} workers; use fewer workers")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "run.json", {"fingerprint": fingerprint, "student": canonical_model_name(config.student)})
-    settings = _loop_settings(config, model_path, tokenizer, len(rows), placement)
+    if len(encoded.rows) < config.workers:
+        raise RebaseError(f"{len(encoded.rows)} examples cannot feed {config.workers} workers; use fewer workers")
+    stage.begin(fingerprint, student=canonical_model_name(config.student))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = loop_settings(config, model_path, pad_id, len(encoded.rows), placement)
     print(
-        f"train: {len(rows)} examples ({truncated} truncated, {dropped} dropped), {settings['total_steps']} steps "
-        f"on {config.workers} worker(s), ZeRO-{config.zero_stage}, {settings['method']}",
+        f"train: {len(encoded.rows)} examples ({encoded.truncated} truncated, {encoded.dropped} dropped), "
+        f"{settings.total_steps} steps on {config.workers} worker(s), ZeRO-{config.zero_stage}, {settings.method}",
         file=sys.stderr,
     )
-    checkpoint = _fit(config, settings, rows, placement, out)
+    # The loop (on the workers), then export of the final checkpoint and the student's card and stats.
+    checkpoint = _fit(config, settings, encoded.rows, placement)
     with checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / "state.json").read_text())
-        export_student(Path(directory) / "weights", model_path, out, tokenizer, settings)
-    summary = TrainSummary(
-        out=out,
-        student=canonical_model_name(config.student),
-        examples=len(rows),
-        truncated=truncated,
-        dropped=dropped,
-        steps=state["step"],
-        epochs=state["epoch"],
-        workers=config.workers,
-        zero_stage=config.zero_stage,
-        method=settings["method"],
-        first_loss=state["losses"][0][1] if state["losses"] else None,
-        final_loss=state["losses"][-1][1] if state["losses"] else None,
-        train_tokens=state["tokens"],
-        tokens_per_second=state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
-        seconds=time.monotonic() - started,
-        resumed_from_step=state.get("resumed_from_step"),
-        losses=state["losses"],
-    )
+        state = LoopState(**json.loads((Path(directory) / "state.json").read_text()))
+        export_student(Path(directory) / "weights", model_path, stage.path, tokenizer, settings.lora is not None)
+    summary = _summary(config, settings, encoded, state, stage.path, time.monotonic() - started)
     stats = {
         "fingerprint": fingerprint,
         "task": task.name,
@@ -231,10 +333,34 @@ def train(config: TrainConfig) -> TrainSummary:
         "lineage": lineage(Path(config.data)),
         "summary": {key: value for key, value in asdict(summary).items() if key not in ("out", "already_done")},
     }
-    write_json_atomic(out / "stats.json", stats)
-    (out / "README.md").write_text(model_card(task, config, summary, stats["lineage"]))
-    (out / "_SUCCESS").write_text("")
+    (stage.path / "README.md").write_text(model_card(task, config, summary, stats["lineage"]))
+    stage.finish(stats)
     return summary
+
+
+def _summary(
+    config: TrainConfig, settings: LoopSettings, encoded: TrainingSet, state: LoopState, out: Path, seconds: float
+) -> TrainSummary:
+    losses = state.losses
+    return TrainSummary(
+        out=out,
+        student=canonical_model_name(config.student),
+        examples=len(encoded.rows),
+        truncated=encoded.truncated,
+        dropped=encoded.dropped,
+        steps=state.step,
+        epochs=state.epoch,
+        workers=config.workers,
+        zero_stage=config.zero_stage,
+        method=settings.method,
+        first_loss=losses[0][1] if losses else None,
+        final_loss=losses[-1][1] if losses else None,
+        train_tokens=state.tokens,
+        tokens_per_second=state.tokens / state.seconds if state.seconds else 0.0,
+        seconds=seconds,
+        resumed_from_step=state.resumed_from_step,
+        losses=losses,
+    )
 
 
 def _fingerprint(task: TaskSpec, pairs: list[dict], config: TrainConfig) -> str:
@@ -249,23 +375,7 @@ def _fingerprint(task: TaskSpec, pairs: list[dict], config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_out(out: Path, fingerprint: str) -> bool:
-    """True when `out` already holds this student; refuses a directory that is something else."""
-    if out.exists() and not out.is_dir():
-        raise RebaseError(f"--out {out} is a file; choose a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    run = out / "run.json"
-    if not run.exists():
-        raise RebaseError(f"--out {out} is not empty and is not a rebase student directory; choose another")
-    if json.loads(run.read_text()).get("fingerprint") != fingerprint:
-        raise RebaseError(
-            f"{out} holds a student trained on other data, task, base model or settings; choose another --out"
-        )
-    return (out / "_SUCCESS").exists()
-
-
-def _placement(config: TrainConfig) -> dict:
+def _placement(config: TrainConfig) -> Placement:
     """CPUs, GPUs and threads per worker; one clear error when the cluster cannot place the workers."""
     from rebase.ray_setup import cluster_gpus, ensure_ray
 
@@ -287,59 +397,27 @@ def _placement(config: TrainConfig) -> dict:
             f"{config.workers} worker(s) x {per_worker} CPU(s) do not fit this Ray's {cpus} CPUs; "
             "use fewer --workers or --threads"
         )
-    return {"use_gpu": use_gpu, "cpus": per_worker, "threads": None if use_gpu else threads}
+    return Placement(use_gpu=use_gpu, cpus=per_worker, threads=None if use_gpu else threads)
 
 
-def _loop_settings(config: TrainConfig, model_path: Path, tokenizer, examples: int, placement: dict) -> dict:
-    """Plain values for the workers' loop (what each needs to build the same model and schedule)."""
-    per_worker = examples // config.workers  # Ray Data splits the dataset equally
-    batches = math.ceil(per_worker / config.batch_size)
-    total = max(1, batches * config.epochs // config.gradient_accumulation)
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    lora = not config.full
-    return {
-        "model_path": str(model_path),
-        "lora": lora,
-        "method": f"LoRA r={config.lora_rank}" if lora else "full fine-tuning",
-        "lora_rank": config.lora_rank,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "lora_target_modules": config.lora_target_modules,
-        "learning_rate": config.learning_rate or (2e-4 if lora else 2e-5),
-        "weight_decay": config.weight_decay,
-        "warmup_steps": int(config.warmup_ratio * total),
-        "batch_size": config.batch_size,
-        "gradient_accumulation": config.gradient_accumulation,
-        "epochs": config.epochs,
-        "total_steps": total,
-        "checkpoint_every": config.checkpoint_every,
-        "zero_stage": config.zero_stage,
-        "use_gpu": placement["use_gpu"],
-        "threads": placement["threads"],
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "seed": config.seed,
-    }
-
-
-def _fit(config: TrainConfig, settings: dict, rows: list[dict], placement: dict, out: Path):
+def _fit(config: TrainConfig, settings: LoopSettings, rows: list[dict], placement: Placement):
     """Run the workers under Ray Train; the final checkpoint (weights + state) once they finish."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = config.storage_path or str(out / "checkpoints")
+    storage = config.checkpoint_storage
     # Shuffled here, once: the workers may hold every CPU, and Ray Data's shuffle tasks would wait for one.
     rows = list(rows)
     random.Random(config.seed).shuffle(rows)
-    dataset = ray.data.from_items(rows)
+    gpu = {"GPU": 1} if placement.use_gpu else {}
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=settings,
+        train_loop_config={"settings": settings},
         scaling_config=ScalingConfig(
             num_workers=config.workers,
-            use_gpu=placement["use_gpu"],
-            resources_per_worker={"CPU": placement["cpus"], **({"GPU": 1} if placement["use_gpu"] else {})},
+            use_gpu=placement.use_gpu,
+            resources_per_worker={"CPU": placement.cpus, **gpu},
         ),
         run_config=RunConfig(
             name="train",
@@ -349,7 +427,7 @@ def _fit(config: TrainConfig, settings: dict, rows: list[dict], placement: dict,
             # The latest two: the newest may be half-uploaded when a node dies.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
+        datasets={"train": ray.data.from_items(rows)},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -357,82 +435,120 @@ def _fit(config: TrainConfig, settings: dict, rows: list[dict], placement: dict,
     return result.checkpoint
 
 
-def _train_loop(settings: dict) -> None:
+def _train_loop(config: dict) -> None:
     """One Ray Train worker: build the student, wrap it in DeepSpeed, train on this worker's shard, report
     checkpoints (every worker saves its ZeRO shard into the same checkpoint)."""
-    import deepspeed
     import ray.train
+
+    settings: LoopSettings = config["settings"]
+    context = ray.train.get_context()
+    worker = _Worker(context.get_world_rank(), context.get_world_size())
+    engine = _deepspeed_engine(settings)
+    state = _restore(engine, settings)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(state.epoch, settings.epochs):
+        _train_epoch(engine, shard, state, settings, worker, epoch)
+        state.epoch, state.batches_done = epoch + 1, 0
+        if state.step >= settings.total_steps:
+            break
+        if not settings.checkpoint_every and epoch + 1 < settings.epochs:
+            _report(engine, state, settings, worker.rank, final=False)
+    _report(engine, state, settings, worker.rank, final=True)
+
+
+@dataclass
+class _Worker:
+    """This worker's place in the group, and what it has trained since the last optimizer step."""
+
+    rank: int
+    world: int
+    loss: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+    printed: float = field(default_factory=time.monotonic)
+
+
+def _deepspeed_engine(settings: LoopSettings):
+    """The student wrapped by DeepSpeed with its AdamW optimizer and linear warm-up schedule."""
+    if not settings.use_gpu:
+        # DeepSpeed's documented switch: a CPU worker says so, rather than DeepSpeed probing and warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(settings["seed"])
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
-    model = build_student(settings)
+    torch.manual_seed(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model = build_student(settings.model_path, settings.lora)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=settings["learning_rate"],
-        weight_decay=settings["weight_decay"],
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
     )
-    scheduler = get_linear_schedule_with_warmup(optimizer, settings["warmup_steps"], settings["total_steps"])
+    scheduler = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(settings)
     )
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "losses": [], "tokens": 0, "seconds": 0.0}
+    return engine
+
+
+def _restore(engine, settings: LoopSettings) -> LoopState:
+    """The state of the checkpoint Ray Train restarts this run from (weights loaded into `engine`), or a
+    fresh one."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=not settings["lora"])
-            state = json.loads((Path(directory) / "state.json").read_text())
-        state["resumed_from_step"] = state["step"]
-    shard = ray.train.get_dataset_shard("train")
-    total, every = settings["total_steps"], settings["checkpoint_every"]
-    last_print = time.monotonic()
-    step_loss, step_batches, step_tokens = 0.0, 0, 0
-    for epoch in range(state["epoch"], settings["epochs"]):
-        batches = shard.iter_torch_batches(
-            batch_size=settings["batch_size"], collate_fn=lambda batch: collate(batch, settings["pad_id"])
-        )
-        for index, batch in enumerate(batches):
-            if state["step"] >= total:
-                break
-            if index < state["batches_done"]:
-                continue  # trained before the checkpoint this run resumed from
-            began = time.monotonic()
-            batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-            loss = response_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed updates the weights every `gradient_accumulation` micro-batches
-            state["batches_done"] = index + 1
-            step_loss, step_batches = step_loss + loss.detach().item(), step_batches + 1
-            step_tokens += int(batch["attention_mask"].sum())
-            state["seconds"] += time.monotonic() - began
-            if engine.global_steps == state["step"]:
-                continue
-            state["step"] = engine.global_steps
-            loss_sum, batch_sum, token_sum = _sum_over_workers([step_loss, step_batches, step_tokens], world)
-            state["losses"].append([state["step"], round(loss_sum / batch_sum, 4)])
-            state["tokens"] += int(token_sum)
-            step_loss, step_batches, step_tokens = 0.0, 0, 0
-            if rank == 0 and (time.monotonic() - last_print > 10 or state["step"] == total):
-                rate = state["tokens"] / max(state["seconds"], 1e-9)
-                # Straight to stderr: Ray Train's print patch would log each line twice.
-                sys.stderr.write(
-                    f"train: epoch {epoch + 1}/{settings['epochs']} step {state['step']}/{total} "
-                    f"loss {state['losses'][-1][1]:.4f} ({rate:,.0f} tokens/s)\n"
-                )
-                sys.stderr.flush()
-                last_print = time.monotonic()
-            if every and state["step"] % every == 0 and state["step"] < total:
-                _report(engine, state, settings, rank, final=False)
-        state["epoch"], state["batches_done"] = epoch + 1, 0
-        if state["step"] >= total:
+    if not checkpoint:
+        return LoopState()
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=settings.lora is None)
+        state = LoopState(**json.loads((Path(directory) / "state.json").read_text()))
+    state.resumed_from_step = state.step
+    return state
+
+
+def _train_epoch(engine, shard, state: LoopState, settings: LoopSettings, worker: _Worker, epoch: int) -> None:
+    """One pass over this worker's shard, from where a resumed run stopped; checkpoints every N steps."""
+    total, every = settings.total_steps, settings.checkpoint_every
+    for index, rows in enumerate(shard.iter_batches(batch_size=settings.batch_size, batch_format="numpy")):
+        if state.step >= total:
             break
-        if not every and epoch + 1 < settings["epochs"]:
-            _report(engine, state, settings, rank, final=False)
-    _report(engine, state, settings, rank, final=True)
+        if index < state.batches_done:
+            continue  # trained before the checkpoint this run resumed from
+        batch = collate(rows, settings.pad_id)
+        began = time.monotonic()
+        batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+        loss = response_loss(engine, batch)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed updates the weights every `gradient_accumulation` micro-batches
+        state.batches_done = index + 1
+        worker.loss, worker.batches = worker.loss + loss.detach().item(), worker.batches + 1
+        worker.tokens += int(batch["attention_mask"].sum())
+        state.seconds += time.monotonic() - began
+        if engine.global_steps == state.step:
+            continue
+        _end_step(state, engine.global_steps, worker)
+        if worker.rank == 0 and (time.monotonic() - worker.printed > 10 or state.step == total):
+            rate = state.tokens / max(state.seconds, 1e-9)
+            # Straight to stderr: Ray Train's print patch would log each line twice.
+            sys.stderr.write(
+                f"train: epoch {epoch + 1}/{settings.epochs} step {state.step}/{total} "
+                f"loss {state.losses[-1][1]:.4f} ({rate:,.0f} tokens/s)\n"
+            )
+            sys.stderr.flush()
+            worker.printed = time.monotonic()
+        if every and state.step % every == 0 and state.step < total:
+            _report(engine, state, settings, worker.rank, final=False)
+
+
+def _end_step(state: LoopState, step: int, worker: _Worker) -> None:
+    """Record an optimizer step: the loss and tokens of its micro-batches, summed over all workers."""
+    loss, batches, tokens = _sum_over_workers([worker.loss, worker.batches, worker.tokens], worker.world)
+    state.step = step
+    state.losses.append([step, round(loss / batches, 4)])
+    state.tokens += int(tokens)
+    worker.loss, worker.batches, worker.tokens = 0.0, 0, 0
 
 
 def response_loss(model, batch: dict):
@@ -463,86 +579,79 @@ def _sum_over_workers(values: list[float], world: int) -> list[float]:
     return tensor.tolist()
 
 
-def _report(engine, state: dict, settings: dict, rank: int, final: bool) -> None:
+def _report(engine, state: LoopState, settings: LoopSettings, rank: int, final: bool) -> None:
     """Save this worker's DeepSpeed shard (and on rank 0 the loop state; at the end also the weights to
     export) into a temporary directory that Ray Train uploads as one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag="deepspeed", exclude_frozen_parameters=settings["lora"])
+        engine.save_checkpoint(directory, tag="deepspeed", exclude_frozen_parameters=settings.lora is not None)
         if final:
             save_weights(engine.module, Path(directory) / "weights", settings, rank)
         if rank == 0:
-            (Path(directory) / "state.json").write_text(json.dumps(state))
-        loss = state["losses"][-1][1] if state["losses"] else None
-        metrics = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "final": final}
+            (Path(directory) / "state.json").write_text(state.to_json())
+        loss = state.losses[-1][1] if state.losses else None
+        metrics = {"step": state.step, "epoch": state.epoch, "loss": loss, "final": final}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def build_student(settings: dict):
+def build_student(model_path: str | Path, lora: LoraSettings | None):
     """The student to train: the base model, with LoRA adapters (peft) unless fine-tuning every weight."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(settings["model_path"], dtype=torch.float32)
-    if not settings["lora"]:
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if lora is None:
         return model
     from peft import LoraConfig, get_peft_model
 
     adapters = LoraConfig(
-        r=settings["lora_rank"],
-        lora_alpha=settings["lora_alpha"],
-        lora_dropout=settings["lora_dropout"],
-        target_modules=settings["lora_target_modules"],
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, adapters)
 
 
-def deepspeed_config(settings: dict) -> dict:
+def deepspeed_config(settings: LoopSettings) -> dict:
     """DeepSpeed's config: ZeRO stage, micro-batch and accumulation, bf16 on GPUs, fp32 on CPUs."""
     return {
-        "train_micro_batch_size_per_gpu": settings["batch_size"],
-        "gradient_accumulation_steps": settings["gradient_accumulation"],
+        "train_micro_batch_size_per_gpu": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": settings["zero_stage"]},
+        "zero_optimization": {"stage": settings.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's fused Adam needs CUDA
-        "bf16": {"enabled": settings["use_gpu"]},
+        "bf16": {"enabled": settings.use_gpu},
         "steps_per_print": 10**9,  # progress is ours
         "wall_clock_breakdown": False,
     }
 
 
-def save_weights(module, directory: Path, settings: dict, rank: int) -> None:
+def save_weights(module, directory: Path, settings: LoopSettings, rank: int) -> None:
     """What export needs: the LoRA adapter (peft's format) or the whole model. Under ZeRO-3 each worker
     holds a slice of every weight, so all gather them and rank 0 writes."""
     import deepspeed
 
-    parameters = [p for p in module.parameters() if p.requires_grad or not settings["lora"]]
-    gathered = settings["zero_stage"] == 3
-    context = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None) if gathered else _nothing()
+    parameters = [p for p in module.parameters() if p.requires_grad or settings.lora is None]
+    gathered = settings.zero_stage == 3
+    context = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None) if gathered else nullcontext()
     with context:
         if rank == 0:
             module.save_pretrained(directory, safe_serialization=True)
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def export_student(weights: Path, model_path: Path, out: Path, tokenizer, settings: dict) -> None:
-    """Merge the trained weights into a plain Hugging Face model directory (safetensors, tokenizer,
-    generation config) that `transformers`, vLLM and `rebase serve` load without peft."""
+def export_student(weights: Path, model_path: Path, out: Path, tokenizer, lora: bool) -> None:
+    """Merge the trained weights (a LoRA adapter, or the whole model) into a plain Hugging Face model
+    directory (safetensors, tokenizer, generation config) that `transformers`, vLLM and `rebase serve` load
+    without peft."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if settings["lora"]:
+    if lora:
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -577,23 +686,6 @@ def lineage(data: Path) -> dict:
 
 def model_card(task: TaskSpec, config: TrainConfig, summary: TrainSummary, found: dict) -> str:
     """The student's README.md: what it does, how to prompt it, what it was made from, how it trained."""
-    example = student_prompt(task, task.examples[0].input, config.few_shot)
-    transformed = found.get("transformed", {})
-    retrieved = found.get("retrieved", {})
-    datastore = found.get("datastore", {})
-    hyper = {
-        "method": summary.method,
-        "epochs": config.epochs,
-        "steps": summary.steps,
-        "learning rate": config.learning_rate or (2e-4 if not config.full else 2e-5),
-        "batch size per worker": config.batch_size,
-        "gradient accumulation": config.gradient_accumulation,
-        "workers": config.workers,
-        "DeepSpeed ZeRO stage": config.zero_stage,
-        "max length": config.max_length,
-        "few-shot prompts": config.few_shot,
-        "seed": config.seed,
-    }
     lines = [
         "---",
         "library_name: transformers",
@@ -607,31 +699,20 @@ def model_card(task: TaskSpec, config: TrainConfig, summary: TrainSummary, found
         "## Prompt format",
         "Send the input inside this prompt (the server does it on the task's route); the answer follows it:",
         "```",
-        example,
+        student_prompt(task, task.examples[0].input, config.few_shot),
         "```",
         "",
         "## Lineage",
         f"- base model: `{summary.student}`",
         f"- training data: `{found.get('data')}`: {summary.examples} examples used "
         f"({summary.truncated} truncated, {summary.dropped} dropped as too long)",
+        *_lineage_lines(found),
+        "",
+        "## Training",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in _hyperparameters(config, summary).items()),
     ]
-    if transformed:
-        lines.append(
-            f"- teacher: `{transformed.get('teacher')}` ({transformed.get('engine')}), statuses "
-            f"{transformed.get('statuses')}, from the retrieval `{transformed.get('retrieved')}`"
-        )
-    if retrieved:
-        lines.append(
-            f"- retrieval: top {retrieved.get('top_k')} rows ({retrieved.get('mode')}), banned {retrieved.get('ban')}"
-        )
-    if datastore:
-        embedder = (datastore.get("embedder") or {}).get("name")
-        lines.append(
-            f"- datastore: `{datastore.get('path')}` (embedder {embedder}, "
-            f"sources {', '.join(datastore.get('sources') or [])}, updated {datastore.get('updated')})"
-        )
-    lines += ["", "## Training", "| setting | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in hyper.items()]
     loss = f"{summary.first_loss} -> {summary.final_loss}" if summary.final_loss is not None else "no steps"
     lines += [
         "",
@@ -641,3 +722,44 @@ def model_card(task: TaskSpec, config: TrainConfig, summary: TrainSummary, found
         "",
     ]
     return "\n".join(lines)
+
+
+def _lineage_lines(found: dict) -> list[str]:
+    """The model card's lines on the teacher, the retrieval and the datastore, for those that are known."""
+    lines = []
+    transformed = found.get("transformed", {})
+    if transformed:
+        lines.append(
+            f"- teacher: `{transformed.get('teacher')}` ({transformed.get('engine')}), statuses "
+            f"{transformed.get('statuses')}, from the retrieval `{transformed.get('retrieved')}`"
+        )
+    retrieved = found.get("retrieved", {})
+    if retrieved:
+        lines.append(
+            f"- retrieval: top {retrieved.get('top_k')} rows ({retrieved.get('mode')}), banned {retrieved.get('ban')}"
+        )
+    datastore = found.get("datastore", {})
+    if datastore:
+        embedder = (datastore.get("embedder") or {}).get("name")
+        lines.append(
+            f"- datastore: `{datastore.get('path')}` (embedder {embedder}, "
+            f"sources {', '.join(datastore.get('sources') or [])}, updated {datastore.get('updated')})"
+        )
+    return lines
+
+
+def _hyperparameters(config: TrainConfig, summary: TrainSummary) -> dict:
+    """The model card's training table: setting name -> value."""
+    return {
+        "method": summary.method,
+        "epochs": config.epochs,
+        "steps": summary.steps,
+        "learning rate": config.effective_learning_rate,
+        "batch size per worker": config.batch_size,
+        "gradient accumulation": config.gradient_accumulation,
+        "workers": config.workers,
+        "DeepSpeed ZeRO stage": config.zero_stage,
+        "max length": config.max_length,
+        "few-shot prompts": config.few_shot,
+        "seed": config.seed,
+    }

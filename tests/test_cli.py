@@ -188,3 +188,26 @@ def test_info_into_a_closed_pipe_stops_quietly(built_store):
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 0
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "model", "field"),
+    [
+        (["retrieve"], "RetrieveConfig", "top_k"),
+        (["retrieve"], "RetrieveConfig", "depth"),
+        (["train"], "TrainConfig", "student"),
+        (["datastore", "build"], "DatastoreConfig", "embedder"),
+        (["serve"], "ServeConfig", "host"),
+    ],
+)
+def test_help_states_the_configs_default(command, model, field, capsys, monkeypatch):
+    """A flag's help shows its field's default from config.py: change the default there, the help follows."""
+    import rebase.config
+    from rebase.cli import main
+
+    info = getattr(rebase.config, model).model_fields[field]
+    monkeypatch.setattr(info, "default", "SENTINEL-42")
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"{info.description} (default SENTINEL-42)" in help_text

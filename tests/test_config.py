@@ -159,3 +159,24 @@ def test_build_config_names_the_given_origin_and_the_literal_choices():
 def test_empty_sources_list_is_rejected():
     with pytest.raises(RebaseError, match=r"^command line: field 'sources': List should have at least 1 item"):
         build_config(DatastoreConfig, {"sources": [], "out": "o"})
+
+
+def test_learning_rate_default_depends_on_the_method_and_is_not_stored():
+    from rebase.config import FULL_LEARNING_RATE, LORA_LEARNING_RATE, TrainConfig
+
+    lora = TrainConfig(data="d", task="t.yaml", out="o")
+    full = lora.model_copy(update={"full": True})
+    assert (LORA_LEARNING_RATE, FULL_LEARNING_RATE) == (2e-4, 2e-5)
+    assert (lora.effective_learning_rate, full.effective_learning_rate) == (2e-4, 2e-5)
+    assert TrainConfig(data="d", task="t.yaml", out="o", full=True, learning_rate=0.01).effective_learning_rate == 0.01
+    # students' stats.json and fingerprints hold the config as given: None, not the derived value
+    assert lora.model_dump(mode="json")["learning_rate"] is None
+
+
+def test_checkpoints_go_under_the_student_unless_a_storage_path_is_given(tmp_path):
+    from rebase.config import TrainConfig
+
+    config = TrainConfig(data="d", task="t.yaml", out=tmp_path / "student")
+    assert config.checkpoint_storage == str(tmp_path / "student" / "checkpoints")
+    assert config.model_copy(update={"storage_path": "s3://bucket/x"}).checkpoint_storage == "s3://bucket/x"
+    assert config.model_dump()["storage_path"] is None

@@ -4,17 +4,31 @@ DeepSpeed runs of the built-in student (one worker, two workers with ZeRO-2, kil
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from processes import kill_when
 
 from rebase.cli import main
+from rebase.config import TrainConfig
 from rebase.errors import RebaseError
-from rebase.train import IGNORE_INDEX, collate, encode_example, read_training_set, response_loss, train
+from rebase.train import (
+    IGNORE_INDEX,
+    LoopState,
+    LoraSettings,
+    Placement,
+    collate,
+    encode_example,
+    loop_settings,
+    read_training_set,
+    response_loss,
+    train,
+)
 
 
 def test_reads_ok_records_of_a_transformed_directory(tmp_path):
@@ -58,6 +72,49 @@ def test_plain_files_of_input_and_output(tmp_path):
         read_training_set(tmp_path / "missing.jsonl")
 
 
+def test_collate_pads_right_masks_padding_and_takes_read_only_arrays():
+    import warnings
+
+    first, second = np.array([5, 6, 7], dtype=np.int64), np.array([8], dtype=np.int64)
+    first.flags.writeable = second.flags.writeable = False  # as Ray Data hands them over
+    batch = {
+        "input_ids": np.array([first, second], dtype=object),
+        "labels": np.array([np.array([IGNORE_INDEX, 6, 7]), np.array([8])], dtype=object),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensors = collate(batch, pad_id=0)
+    assert tensors["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert tensors["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert tensors["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert {str(t.dtype) for t in tensors.values()} == {"torch.int64"}
+
+
+def test_loop_settings_schedule_and_learning_rate(tmp_path):
+    config = TrainConfig(data=tmp_path, task=tmp_path, out=tmp_path, epochs=3, batch_size=4, workers=2)
+    placement = Placement(use_gpu=False, cpus=1, threads=1)
+    # 21 examples over 2 workers: 10 each, 3 batches of at most 4 per epoch, 9 steps; warm-up 5% of 9 -> 0
+    settings = loop_settings(config, tmp_path / "model", 0, 21, placement)
+    assert (settings.total_steps, settings.warmup_steps, settings.learning_rate) == (9, 0, 2e-4)
+    assert settings.lora == LoraSettings(rank=16, alpha=32, dropout=0.05, target_modules="all-linear")
+    assert settings.method == "LoRA r=16"
+    accumulated = config.model_copy(update={"gradient_accumulation": 2, "max_steps": 3, "full": True})
+    full = loop_settings(accumulated, tmp_path / "model", 0, 21, placement)
+    assert (full.total_steps, full.learning_rate, full.lora, full.method) == (3, 2e-5, None, "full fine-tuning")
+    chosen = loop_settings(config.model_copy(update={"learning_rate": 1e-3}), tmp_path, 0, 21, placement)
+    assert chosen.learning_rate == 1e-3
+    assert pickle.loads(pickle.dumps(settings)) == settings  # travels to the Ray Train workers
+
+
+def test_loop_state_records_the_resume_step_only_when_resumed():
+    state = LoopState(step=2, epoch=1, losses=[[1, 2.5], [2, 2.0]], tokens=90, seconds=1.5)
+    assert json.loads(state.to_json()) == {
+        "step": 2, "epoch": 1, "batches_done": 0, "losses": [[1, 2.5], [2, 2.0]], "tokens": 90, "seconds": 1.5
+    }  # fmt: skip
+    state.resumed_from_step = 2
+    assert LoopState(**json.loads(state.to_json())) == state
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -92,7 +149,6 @@ def test_truncation_cuts_the_response_and_is_reported(tokenizer):
 
 @pytest.mark.slow
 def test_response_loss_equals_the_models_own_loss(tokenizer):
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -149,14 +205,12 @@ def test_training_lowers_the_loss_and_exports_a_plain_model(trained_student):
 
     again = train(config)
     assert again.already_done and "already trained" in again.line()
-    with pytest.raises(RebaseError, match="holds a student trained on other data"):
+    with pytest.raises(RebaseError, match="holds a rebase student made from other inputs or settings"):
         train(config.model_copy(update={"epochs": 3}))
 
 
 @pytest.mark.slow
 def test_two_workers_with_zero_2(training_file, tmp_path):
-    from rebase.config import TrainConfig
-
     config = TrainConfig(
         data=training_file,
         task="jobs/tasks/navigate.yaml",
@@ -219,7 +273,7 @@ def test_bad_training_input_is_one_line(training_file, tmp_path, capsys, monkeyp
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     assert main(base + [str(tmp_path / "foreign")]) == 2
-    assert "not a rebase student directory" in capsys.readouterr().err
+    assert "is not empty and is not a rebase student; choose another" in capsys.readouterr().err
     for name in "abc":
         assert not (tmp_path / name).exists()  # a refused run leaves nothing behind
 
@@ -264,8 +318,6 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(training_file, tmp_path
     import time
 
     import psutil
-
-    from rebase.config import TrainConfig
 
     config = TrainConfig(
         data=training_file,
