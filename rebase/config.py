@@ -306,6 +306,11 @@ class PipelineConfig(StageConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the run's name")
     task: Path
     run_dir: Path | None = Field(None, description="default out/runs/NAME; --run-dir overrides")
+
+    @property
+    def default_run_dir(self) -> Path:
+        """Where the run goes unless run_dir or --run-dir says otherwise."""
+        return Path("out/runs") / self.name
     datastore: dict
     retrieve: dict = Field(default_factory=dict)
     transform: dict = Field(default_factory=dict)

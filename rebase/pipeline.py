@@ -61,7 +61,7 @@ def anchor_outputs(config: PipelineConfig, root: Path | None) -> PipelineConfig:
     the current directory). A Ray job runs in an uploaded copy of the working directory, so its outputs go
     under the `--root` it is given instead, where they outlive the job."""
     base = (root or Path.cwd()).expanduser().resolve()
-    run_dir = base / (config.run_dir or Path("out/runs") / config.name).expanduser()
+    run_dir = base / (config.run_dir or config.default_run_dir).expanduser()
     datastore = dict(config.datastore)
     for key in ("out", "path"):
         if key in datastore:
