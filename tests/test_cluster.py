@@ -205,7 +205,7 @@ def test_the_image_is_built_on_the_installed_ray_with_the_gpu_extras():
     uninstall = commands.index("pip uninstall -y faiss-cpu")
     reinstall = commands.index("--force-reinstall", uninstall)
     assert project < uninstall < reinstall and "faiss-gpu-cu12" in commands[reinstall:]
-    assert '"ray[data,train,serve]==${RAY_VERSION}"' in commands  # pip keeps the image's Ray
+    assert '"ray[data,train,serve,llm]==${RAY_VERSION}"' in commands  # pip keeps the image's Ray, with Serve LLM
     assert "REBASE_CACHE=/data/cache" in " ".join(_instruction("ENV"))
     ignored = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", "out", ".git"} <= set(ignored)  # not copied into the image or the job's working_dir
