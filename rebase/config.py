@@ -311,6 +311,7 @@ class PipelineConfig(StageConfig):
     def default_run_dir(self) -> Path:
         """Where the run goes unless run_dir or --run-dir says otherwise."""
         return Path("out/runs") / self.name
+
     datastore: dict
     retrieve: dict = Field(default_factory=dict)
     transform: dict = Field(default_factory=dict)

@@ -6,13 +6,11 @@ import logging
 import os
 
 # Fault tolerance, chosen per kind of Ray work (README, "Fault tolerance", says the same for users).
-# Actor pools of the teacher and of evaluation (embedding keeps Ray Data's defaults, see
-# datastore/embed.py): a dead actor (lost node, OOM kill) restarts, on another node if need be, up to 4
-# times, so a model that cannot load anywhere fails the stage instead of looping. The call it was running
-# is retried for as long as its actor lives (-1): each attempt made while the actor is still restarting
-# fails at once, so a bounded count ran out during a single node loss (tested). A retry cannot write
-# twice: only the driver writes, once a whole block or call has come back.
-POOL_RETRIES = {"max_restarts": 4, "max_task_retries": -1}
+# Actor pools (embedding, teacher, evaluation) keep Ray Data's defaults: a dead actor (lost node, OOM kill)
+# restarts, on another node if need be, and its call is retried without limit; an actor that dies while
+# starting (a model that cannot load) fails the stage at once (`DataContext.max_consecutive_actor_init_deaths`,
+# default 0). Ray Data takes restart options only through the deprecated `ray_remote_args`. A retry cannot
+# write twice: only the driver writes, once a whole block or call has come back.
 # Retrieval's shard searchers hold an index shard in memory: a restart reloads it from disk, then the query
 # is retried.
 SEARCHER_RETRIES = {"max_restarts": 2, "max_task_retries": -1}

@@ -74,11 +74,13 @@ class ChatServer:
             if status:
                 return _error(status, "injected failure")
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+        stop = body.get("stop")
         prompt = body["messages"][-1]["content"]
+        params = GenerationParams(
+            max_tokens, float(body.get("temperature") or 0), schema, [stop] if isinstance(stop, str) else stop
+        )
         with self._lock:  # one generation at a time on the shared model
-            [completion] = self.engine.generate(
-                [prompt], GenerationParams(max_tokens, float(body.get("temperature") or 0), schema)
-            )
+            [completion] = self.engine.generate([prompt], params)
         return {
             "id": f"chatcmpl-{self.requests}",
             "object": "chat.completion",

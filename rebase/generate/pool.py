@@ -8,6 +8,7 @@ import hashlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from rebase.errors import RebaseError
 from rebase.generate.engines import GenerationParams, OpenAIEngine, make_engine
 from rebase.io import write_parquet_atomic
 from rebase.progress import heartbeat, progress_bar
-from rebase.ray_setup import POOL_RETRIES, actor_pool
+from rebase.ray_setup import actor_pool
 
 ANSWER_SCHEMA = pa.schema(
     [
@@ -31,6 +32,27 @@ ANSWER_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
     ]
 )
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """What one `GenerationPool.answer` call did: prompts sent and answered before, generation time, and
+    the tokens of every answer returned (earlier runs' included)."""
+
+    sent: int
+    cached: int
+    seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __add__(self, other: GenerationRun) -> GenerationRun:
+        return GenerationRun(
+            self.sent + other.sent,
+            self.cached + other.cached,
+            self.seconds + other.seconds,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
 
 
 class GenerationPool:
@@ -96,15 +118,18 @@ class GenerationPool:
         self.cpus = 0.25 if config.engine == "openai" else 1  # an endpoint client mostly waits
         self._ready = True
 
-    def answer(self, prompts: dict[str, str], cache: Path, params: GenerationParams, what: str) -> tuple[dict, dict]:
+    def answer(
+        self, prompts: dict[str, str], cache: Path, params: GenerationParams, what: str
+    ) -> tuple[dict[str, dict], GenerationRun]:
         """Answers for every prompt hash (cached, new, or failed with `error`) and this run's counts."""
         answers = _read_answers(cache)
         pending = [h for h in prompts if h not in answers]
-        run = {"sent": len(pending), "cached": len(prompts) - len(pending), "seconds": 0.0}
+        seconds = 0.0
         failed: dict[str, dict] = {}
         if pending:
             print(
-                f"{what}: {run['cached']} of {len(prompts)} prompts answered before; sending {len(pending)}",
+                f"{what}: {len(prompts) - len(pending)} of {len(prompts)} prompts answered before; "
+                f"sending {len(pending)}",
                 file=sys.stderr,
             )
             self._prepare()
@@ -124,12 +149,16 @@ class GenerationPool:
                         if error is not None:
                             failed[h] = {"error": error}
                     bar.update(batch.num_rows)
-            run["seconds"] = time.monotonic() - started
+            seconds = time.monotonic() - started
         lost = {"error": "no answer came back from the engine"}  # kept as failed; a re-run sends it again
         result = {h: answers.get(h) or failed.get(h, lost) for h in prompts}
-        # Tokens count every answer the records use, those of earlier runs included.
-        run["prompt_tokens"] = sum(a.get("prompt_tokens") or 0 for a in result.values())
-        run["completion_tokens"] = sum(a.get("completion_tokens") or 0 for a in result.values())
+        run = GenerationRun(
+            sent=len(pending),
+            cached=len(prompts) - len(pending),
+            seconds=seconds,
+            prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in result.values()),
+            completion_tokens=sum(a.get("completion_tokens") or 0 for a in result.values()),
+        )
         return result, run
 
     def _run(self, pending: list[str], prompts: dict[str, str], params: GenerationParams):
@@ -137,7 +166,8 @@ class GenerationPool:
 
         size = self.config.prompts_per_call
         items = [{"prompt_hash": h, "prompt": prompts[h]} for h in pending]
-        # One Ray block per actor call, so the pool has work to scale against and answers stream back.
+        # One Ray block per actor call, so the pool has work to scale against and answers stream back. A lost
+        # actor is restarted and its call retried: Ray Data's default for actor pools.
         dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / size)))
         dataset = dataset.map_batches(
             GenerationActor,
@@ -147,8 +177,7 @@ class GenerationPool:
             compute=actor_pool(self.concurrency),
             num_gpus=self.gpus,
             num_cpus=self.cpus,
-            **({"memory": self.memory} if self.memory else {}),
-            **POOL_RETRIES,
+            memory=self.memory,
         )
         # prefetch_batches=0: each answer comes back as soon as its call ends (prefetching holds one back)
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)

@@ -105,7 +105,7 @@ def transform(config: TransformConfig) -> TransformSummary:
         verdicts, judge_run = teacher.answer(
             dict(zip(judge_hashes, judge_prompts)), out / "judged", GenerationParams(4, 0.0, None), "judge"
         )
-        run = {key: run[key] + judge_run[key] for key in run}
+        run = run + judge_run
         for n, h in zip(judged, judge_hashes):
             _apply_verdict(records[n], verdicts[h])
     for record, row, h in zip(records, rows, hashes):
@@ -127,11 +127,11 @@ def transform(config: TransformConfig) -> TransformSummary:
         "rows": len(records),
         "statuses": dict(statuses),
         "reasons": dict(reasons),
-        "sent": run["sent"],
-        "cached": run["cached"],
-        "prompt_tokens": run["prompt_tokens"],
-        "completion_tokens": run["completion_tokens"],
-        "generation_seconds": round(run["seconds"], 2),
+        "sent": run.sent,
+        "cached": run.cached,
+        "prompt_tokens": run.prompt_tokens,
+        "completion_tokens": run.completion_tokens,
+        "generation_seconds": round(run.seconds, 2),
         "seconds": round(time.monotonic() - started, 2),
     }
     stage.begin(fingerprint)
@@ -142,12 +142,12 @@ def transform(config: TransformConfig) -> TransformSummary:
         rows=len(records),
         statuses=dict(statuses),
         reasons=dict(reasons),
-        sent=run["sent"],
-        cached=run["cached"],
-        prompt_tokens=run["prompt_tokens"],
-        completion_tokens=run["completion_tokens"],
+        sent=run.sent,
+        cached=run.cached,
+        prompt_tokens=run.prompt_tokens,
+        completion_tokens=run.completion_tokens,
         seconds=time.monotonic() - started,
-        generation_seconds=run["seconds"],
+        generation_seconds=run.seconds,
     )
 
 
