@@ -33,7 +33,7 @@ from rebase.datastore.manifest import (
     read_manifest,
     write_manifest,
 )
-from rebase.datastore.sources import Source, open_source
+from rebase.datastore.sources import Dataset, Source, open_source
 from rebase.errors import RebaseError
 from rebase.io import (
     embeddings_to_numpy,
@@ -308,45 +308,7 @@ def _ingest(
         if earlier is not None:
             tqdm.write(f"skipping {dataset.dataset_id}: already in the store from {earlier}", file=sys.stderr)
             continue
-        total = sum(dataset.count())
-        labels = dataset.label_names()
-        kept = skipped = 0
-        first_problem = ""
-        for split, number, row, why in dataset.read(even_sample(total, config.rows_per_dataset)):
-            flat = flatten_row(row, config.max_value_chars, labels) if row is not None else {}
-            if not flat:
-                skipped += 1
-                first_problem = first_problem or why or f"row {number + 1}: no text values"
-                continue
-            uid = row_uid(dataset.dataset_id, dataset.config, split, number)
-            rows.add(
-                {
-                    "row_uid": uid,
-                    "dataset_id": dataset.dataset_id,
-                    "config": dataset.config,
-                    "split": split,
-                    "row_number": number,
-                    "row": json.dumps(flat, ensure_ascii=False),
-                }
-            )
-            for column, text in flat.items():
-                vid = value_id(text)
-                cells.add(
-                    {
-                        "cell_id": cell_id(uid, column),
-                        "row_uid": uid,
-                        "dataset_id": dataset.dataset_id,
-                        "column": column,
-                        "value": text,
-                        "value_id": vid,
-                    }
-                )
-                entry.cells += 1
-                if vid not in known_values:
-                    known_values.add(vid)
-                    pending.add({"value_id": vid, "kind": "cell", "text": text})
-                    entry.new_values += 1
-            kept += 1
+        kept, skipped, first_problem = _write_dataset_rows(dataset, config, rows, cells, pending, entry, known_values)
         if kept == 0:
             problems.append(
                 f"{dataset.dataset_id}: no readable rows" + (f" ({first_problem})" if first_problem else "")
@@ -394,6 +356,59 @@ def _ingest(
         )
         write_parquet_atomic(staging / "pending" / DESCRIPTIONS_BLOCK, table)
     write_parquet_atomic(staging / "datasets.parquet", pa.Table.from_pylist(datasets, schema=DATASET_SCHEMA))
+
+
+def _write_dataset_rows(
+    dataset: Dataset,
+    config: DatastoreConfig,
+    rows: _PartWriter,
+    cells: _PartWriter,
+    pending: _PartWriter,
+    entry: SourceEntry,
+    known_values: set[int],
+) -> tuple[int, int, str]:
+    """Flatten one dataset's sampled rows into rows and cells, queueing each value not yet stored for
+    embedding; the rows kept, the rows skipped and the first reason one was skipped."""
+    total = sum(dataset.count())
+    labels = dataset.label_names()
+    kept = skipped = 0
+    first_problem = ""
+    for split, number, row, why in dataset.read(even_sample(total, config.rows_per_dataset)):
+        flat = flatten_row(row, config.max_value_chars, labels) if row is not None else {}
+        if not flat:
+            skipped += 1
+            first_problem = first_problem or why or f"row {number + 1}: no text values"
+            continue
+        uid = row_uid(dataset.dataset_id, dataset.config, split, number)
+        rows.add(
+            {
+                "row_uid": uid,
+                "dataset_id": dataset.dataset_id,
+                "config": dataset.config,
+                "split": split,
+                "row_number": number,
+                "row": json.dumps(flat, ensure_ascii=False),
+            }
+        )
+        for column, text in flat.items():
+            vid = value_id(text)
+            cells.add(
+                {
+                    "cell_id": cell_id(uid, column),
+                    "row_uid": uid,
+                    "dataset_id": dataset.dataset_id,
+                    "column": column,
+                    "value": text,
+                    "value_id": vid,
+                }
+            )
+            entry.cells += 1
+            if vid not in known_values:
+                known_values.add(vid)
+                pending.add({"value_id": vid, "kind": "cell", "text": text})
+                entry.new_values += 1
+        kept += 1
+    return kept, skipped, first_problem
 
 
 def _values_path(out: Path, pending_block: Path) -> Path:
