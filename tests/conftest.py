@@ -1,9 +1,14 @@
-"""Shared fixtures: one local Ray for in-process tests, small generated source files."""
+"""Shared fixtures: one local Ray per test session (joined by `rebase` subprocesses through RAY_ADDRESS),
+a tiny random-weight Gemma 3 for machinery tests, a student trained once, small generated source files."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +25,68 @@ def _ray_shutdown_at_end():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """The session's one local Ray, started here on first use (in-process stages join it too); its address."""
+    import ray
+
+    from rebase.ray_setup import ensure_ray
+
+    ensure_ray()
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def rebase_env(ray_address) -> dict[str, str]:
+    """The environment for a `rebase` subprocess that joins the session's Ray instead of starting its own
+    (rebase/ray_setup.py joins RAY_ADDRESS). Ray's workers keep the session's environment, not this one."""
+    return {**os.environ, "RAY_ADDRESS": ray_address}
+
+
+def run_rebase(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m rebase ARGS` to the end, output captured."""
+    command = [sys.executable, "-m", "rebase", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    """A Gemma 3 causal LM of the built-in's architecture and tokenizer (real vocabulary, special tokens
+    and generation config) with random weights, seeded: 4 layers of width 64, three of them sliding-window
+    layers with a 32-token window, so prompts outrun the window. For machinery tests, where what the model
+    says does not matter; it loads and decodes many times faster than the built-in."""
+    import torch
+    from transformers import AutoConfig, Gemma3ForCausalLM, GenerationConfig
+
+    from rebase.models import resolve_model
+
+    builtin = resolve_model("builtin:gemma3-270m")
+    directory = tmp_path_factory.mktemp("models") / "tiny-gemma3"
+    config = AutoConfig.from_pretrained(builtin)
+    config.update(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 32,
+            "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        }
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(config)
+    model.generation_config = GenerationConfig.from_pretrained(builtin)
+    model.save_pretrained(directory)
+    for path in builtin.iterdir():  # the tokenizer's files, a chat template if the built-in has one
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, directory / path.name)
+    return directory
 
 
 def write_jsonl(path, rows, extra_lines=()):

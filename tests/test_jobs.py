@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,15 @@ RAY_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class RayHead:
+    jobs: str  # the job server's address, for `ray job`
+    gcs: str  # the cluster's address, for a driver to join through RAY_ADDRESS
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head --block` in its own process group, its job server on 127.0.0.1; the server's address."""
+    """`ray start --head --block` in its own process group, its job server on 127.0.0.1; its addresses."""
     port, dashboard = free_port(), free_port()
     # A temp dir of its own (short: Ray's socket paths must fit 107 bytes) keeps the head out of
     # /tmp/ray/ray_current_cluster, where other Ray programs on this machine would find it.
@@ -56,11 +63,11 @@ def ray_head(tmp_path):
             assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the Ray head did not answer within 120 s"
             time.sleep(2)
-        yield address
+        yield RayHead(jobs=address, gcs=f"127.0.0.1:{port}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)  # then the whole group is killed: the test's cluster holds nothing to keep
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
@@ -111,27 +118,28 @@ def _stage_state(run_dir: Path, stage: str) -> str | None:
 
 @pytest.mark.slow
 def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp_path):
+    jobs = ray_head.jobs
     pipeline = write_smoke_pipeline(tmp_path / "inputs")
     root = tmp_path / "root"
     run_dir = root / "out" / "runs" / "smoke"
 
-    _submit(ray_head, "smoke-1", pipeline, root)
+    _submit(jobs, "smoke-1", pipeline, root)
     _wait_for(lambda: _stage_state(run_dir, "train") == "running", "the train stage to start", 600)
     # The job's driver is the `rebase run` process: kill it as a lost driver or a killed pod would die.
     driver = json.loads((run_dir / "run.json").read_text())["stages"]["train"]["pid"]
     os.kill(driver, signal.SIGKILL)
-    _wait_for(lambda: _status(ray_head, "smoke-1") == "FAILED", "the killed job to fail", 120)
+    _wait_for(lambda: _status(jobs, "smoke-1") == "FAILED", "the killed job to fail", 120)
     assert [_stage_state(run_dir, s) for s in ("datastore", "retrieve", "transform")] == ["done"] * 3
     assert not (run_dir / "train" / "_SUCCESS").exists()
 
-    _submit(ray_head, "smoke-2", pipeline, root)
+    _submit(jobs, "smoke-2", pipeline, root)
     _wait_for(
-        lambda: _status(ray_head, "smoke-2") in ("SUCCEEDED", "FAILED"),
+        lambda: _status(jobs, "smoke-2") in ("SUCCEEDED", "FAILED"),
         "the second job to finish",
         900,
     )
-    logs = _ray(["job", "logs", "--address", ray_head, "smoke-2"]).stdout
-    assert _status(ray_head, "smoke-2") == "SUCCEEDED", logs[-3000:]
+    logs = _ray(["job", "logs", "--address", jobs, "smoke-2"]).stdout
+    assert _status(jobs, "smoke-2") == "SUCCEEDED", logs[-3000:]
     for stage in ("datastore", "retrieve", "transform"):
         assert f"[{stage}] finished earlier" in logs
     # The killed stage runs again (resuming if it had written anything) and so does the one after it.
@@ -158,11 +166,12 @@ def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp
     assert "Student" in dom and "files/numbers" in dom
 
     # The same pipeline with a serve section: every finished stage is skipped and the student is served
-    # until Ctrl-C, on the task's routes too.
+    # until Ctrl-C, on the task's routes too, from a driver that joins the head (no second Ray to start).
     port = free_port()
     serving = write_smoke_pipeline(tmp_path / "inputs", serve={"port": port})
     command = [sys.executable, "-m", "rebase", "run", str(serving), "--root", str(root), "--only", "serve"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    joining = {**RAY_ENV, "RAY_ADDRESS": ray_head.gcs}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=joining)
     try:
         _wait_for(lambda: (run_dir / "serve" / "stats.json").exists() or server.poll() is not None, "serving", 300)
         assert server.poll() is None, server.stdout.read()[-3000:]

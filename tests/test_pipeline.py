@@ -6,21 +6,16 @@ datastore and retrieval stages run for real on a small store, in seconds."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_rebase as rebase
 from smoke_pipeline import write_smoke_pipeline
 
 from rebase.config import PipelineConfig, build_config
 from rebase.errors import RebaseError
 from rebase.pipeline import load_pipeline, run_pipeline, run_status
-
-
-def rebase(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rebase", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def pipeline_values(**sections) -> dict:

@@ -199,19 +199,22 @@ def test_concurrent_requests_share_batches(served):
 
 
 @pytest.mark.slow
-def test_rebase_serve_runs_until_ctrl_c(tmp_path):
+def test_rebase_serve_runs_until_ctrl_c(tiny_gemma):
+    """The command end to end with a Ray of its own (the session's serves the module's app), the tiny model."""
     port = free_port()
-    command = [sys.executable, "-m", "rebase", "serve", "--model", "builtin:gemma3-270m", "--port", str(port)]
+    command = [sys.executable, "-m", "rebase", "serve", "--model", str(tiny_gemma), "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert f"at http://127.0.0.1:{port}/v1" in line, line
         response = requests.post(
             f"http://127.0.0.1:{port}/v1/completions",
-            json={"model": "builtin:gemma3-270m", "prompt": "Hello", "max_tokens": 2},
+            json={"model": "tiny-gemma3", "prompt": "Hello", "max_tokens": 2},  # served as its directory's name
             timeout=120,
         )
-        assert response.status_code == 200 and response.json()["choices"][0]["text"]
+        body = response.json()
+        assert response.status_code == 200 and body["model"] == "tiny-gemma3"
+        assert 1 <= body["usage"]["completion_tokens"] <= 2 and body["usage"]["prompt_tokens"] == 2
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0
         assert "stopped serving" in process.stderr.read()

@@ -1,5 +1,6 @@
 """The transform stage on real Ray with the real built-in teacher, its resume, and the OpenAI engine against
-a real HTTP server on loopback (tests/openai_server.py)."""
+a real HTTP server on loopback (tests/openai_server.py). Tests of the machinery (a killed run, the decode
+loop, the OpenAI engine's retries) use the tiny random-weight Gemma 3 (conftest.py) as the teacher."""
 
 from __future__ import annotations
 
@@ -107,11 +108,10 @@ def records(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def teacher_engine():
+def tiny_engine(tiny_gemma):
     from rebase.generate.engines import TransformersEngine
-    from rebase.models import resolve_model
 
-    return TransformersEngine(str(resolve_model("builtin:gemma3-270m")), batch_size=4)
+    return TransformersEngine(str(tiny_gemma), batch_size=4)
 
 
 # ------------------------------------------------------------------ bad input (no model needed)
@@ -162,7 +162,7 @@ def test_cli_reports_a_missing_retrieval_in_one_line(tmp_path, task_file):
 
 @pytest.mark.slow
 def test_transform_with_the_builtin_teacher_then_resume(tmp_path):
-    """The shipped navigate task (chain of thought, labels) on rows BIG-bench retrieved for it."""
+    """The shipped navigate task (chain of thought, labels) on rows BIG-bench retrieved for it, in one batch."""
     retrieved = write_retrieved(tmp_path / "retrieved", NAVIGATE_ROWS)
     task_file = Path(__file__).parents[1] / "jobs" / "tasks" / "navigate.yaml"
     out = tmp_path / "transformed"
@@ -185,14 +185,13 @@ def test_transform_with_the_builtin_teacher_then_resume(tmp_path):
     assert stats["completion_tokens"] > 3 * 10 and stats["prompt_tokens"] > 3 * 300
     assert (out / "_SUCCESS").exists()
 
+    # Resumed: nothing left to send. (A run that grows, or follows a killed one, sends only what is new:
+    # test_killed_transform_resends_only_the_unanswered_prompts, on the tiny model.)
     again = transform(config(retrieved, task_file, out, limit=3, max_new_tokens=320))
     assert (again.sent, again.cached) == (0, 3)
     assert records(out) == found
-    grown = transform(config(retrieved, task_file, out, max_new_tokens=320))
-    assert (grown.sent, grown.cached, grown.rows) == (1, 3, 4)
-    assert records(out)[:3] == found
 
-    with pytest.raises(RebaseError, match="another task, retrieval, teacher or settings"):
+    with pytest.raises(RebaseError, match="holds a rebase transform made from other inputs or settings"):
         transform(config(retrieved, task_file, out, max_new_tokens=50))
 
 
@@ -219,7 +218,9 @@ FIRST_STEP_TASK = {
 @pytest.mark.slow
 def test_judge_pass_with_the_builtin_teacher(tmp_path):
     """A labelled task without reasoning: the small teacher makes usable records from the rows, and the
-    judge pass asks about each ok one; a directory seeded with the answers sends only the judge's questions."""
+    judge pass asks about each ok one; a directory seeded with the answers sends only the judge's questions.
+    (The built-in's short answers cost less here than the tiny model's: under the schema a random-weight
+    model writes its strings up to their length bound.)"""
     retrieved = write_retrieved(tmp_path / "retrieved", NAVIGATE_ROWS)
     task_file = tmp_path / "first_step.yaml"
     task_file.write_text(yaml.safe_dump(FIRST_STEP_TASK))
@@ -245,7 +246,7 @@ def test_judge_pass_with_the_builtin_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_file, tmp_path):
+def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_file, tmp_path, tiny_gemma, rebase_env):
     out = tmp_path / "transformed"
     command = [
         sys.executable,
@@ -258,19 +259,23 @@ def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_fi
         str(task_file),
         "--out",
         str(out),
+        "--teacher",
+        str(tiny_gemma),
         "--prompts-per-call",
         "1",
         "--max-new-tokens",
         "64",
     ]
     answers = out / "answers"
-    kill_when(command, lambda: len(list(answers.glob("part-*.parquet"))) >= 2, "transform")
+    # The killed run (6 of the 8 rows) has a Ray of its own, killed with it; the re-run, grown to all 8
+    # rows, joins the session's.
+    kill_when([*command, "--limit", "6"], lambda: len(list(answers.glob("part-*.parquet"))) >= 2, "transform")
     kept = {p.name: p.stat().st_mtime_ns for p in answers.glob("part-*.parquet")}
     answered = sum(pq.read_metadata(answers / name).num_rows for name in kept)
-    assert 2 <= answered < len(REVIEWS)
+    assert 2 <= answered < 6
     assert not (out / "_SUCCESS").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=rebase_env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert f"{len(REVIEWS) - answered} sent, {answered} answered before" in summary
@@ -280,9 +285,9 @@ def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_fi
 
 
 @pytest.mark.slow
-def test_continuous_batching_with_a_shared_prefix_gives_plain_generate_text(teacher_engine):
-    """Our decode loop (rows leave and join the batch, shared-prefix cache, left padding) must produce what
-    `generate` produces for each prompt alone, greedy."""
+def test_continuous_batching_with_a_shared_prefix_gives_plain_generate_text(tiny_engine):
+    """Our decode loop (rows leave and join the batch, shared-prefix cache, left padding, prompts longer
+    than the sliding window) must produce what `generate` produces for each prompt alone, greedy."""
     import torch
 
     from rebase.generate.engines import GenerationParams
@@ -290,18 +295,18 @@ def test_continuous_batching_with_a_shared_prefix_gives_plain_generate_text(teac
     head = "Rewrite the review in one short sentence. Keep its meaning and its sentiment. " * 4
     prompts = [f"{head}\nReview: {text}\nRewritten:" for text in REVIEWS[:5]]
     params = GenerationParams(max_new_tokens=12)
-    teacher_engine.batch_size = 2  # five prompts through two places: rows finish and new ones join
+    tiny_engine.batch_size = 2  # five prompts through two places: rows finish and new ones join
     try:
-        ours = teacher_engine.generate(prompts + ["The capital of France is"], params)
+        ours = tiny_engine.generate(prompts + ["The capital of France is"], params)
     finally:
-        teacher_engine.batch_size = 4
-    tokenizer, model = teacher_engine.tokenizer, teacher_engine.model
+        tiny_engine.batch_size = 4
+    tokenizer, model = tiny_engine.tokenizer, tiny_engine.model
     for completion, prompt in zip(ours, prompts + ["The capital of France is"]):
         encoded = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
             output = model.generate(**encoded, max_new_tokens=12, do_sample=False, top_p=None, top_k=None)
         new = output[0, encoded["input_ids"].shape[1] :].tolist()
-        stop = next((n for n, token in enumerate(new) if token in teacher_engine.stop_ids), len(new))
+        stop = next((n for n, token in enumerate(new) if token in tiny_engine.stop_ids), len(new))
         assert completion.text == tokenizer.decode(new[:stop], skip_special_tokens=True)
         assert completion.completion_tokens == stop and completion.prompt_tokens == encoded["input_ids"].shape[1]
 
@@ -310,10 +315,10 @@ def test_continuous_batching_with_a_shared_prefix_gives_plain_generate_text(teac
 
 
 @pytest.mark.slow
-def test_openai_engine_retries_429_and_5xx(retrieved, task_file, tmp_path, teacher_engine):
+def test_openai_engine_retries_429_and_5xx(retrieved, task_file, tmp_path, tiny_engine):
     from openai_server import ChatServer
 
-    with ChatServer(teacher_engine) as server:
+    with ChatServer(tiny_engine) as server:
         server.fail_with = [429, 503]
         out = tmp_path / "transformed"
         summary = transform(
@@ -326,20 +331,22 @@ def test_openai_engine_retries_429_and_5xx(retrieved, task_file, tmp_path, teach
                 base_url=server.base_url,
                 teacher="teacher",
                 request_concurrency=1,
+                max_new_tokens=256,  # room for the tiny teacher's bounded strings to close
             )
         )
         assert summary.statuses.get("failed", 0) == 0
         assert server.generation_requests == 3 + 2  # two refused attempts, retried with backoff
         found = records(out)
-        assert all(r["status"] != "parse_error" for r in found)  # json_schema response_format reached the model
+        # json_schema response_format reached the model: a random-weight model only writes labels under it
+        assert all(r["status"] != "parse_error" for r in found), [r["reason"] for r in found]
         assert all(r["output"] in ("positive", "negative") for r in found)
 
 
 @pytest.mark.slow
-def test_openai_failures_are_kept_and_resent(retrieved, task_file, tmp_path, teacher_engine):
+def test_openai_failures_are_kept_and_resent(retrieved, task_file, tmp_path, tiny_engine):
     from openai_server import ChatServer
 
-    with ChatServer(teacher_engine) as server:
+    with ChatServer(tiny_engine) as server:
         server.fail_with = [500] * 4  # two prompts x (one attempt + one retry)
         out = tmp_path / "transformed"
         settings = {
