@@ -210,11 +210,12 @@ def test_training_lowers_the_loss_and_exports_a_plain_model(trained_student):
 
 
 @pytest.mark.slow
-def test_two_workers_with_zero_2(training_file, tmp_path):
+def test_two_workers_with_zero_2(training_file, tmp_path, tiny_gemma):
     config = TrainConfig(
         data=training_file,
         task="jobs/tasks/navigate.yaml",
         out=tmp_path / "student",
+        student=str(tiny_gemma),  # the machinery under test, not what the model learns
         workers=2,
         zero_stage=2,
         threads=1,
@@ -230,10 +231,11 @@ def test_two_workers_with_zero_2(training_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_from_its_last_checkpoint(training_file, tmp_path):
+def test_killed_training_resumes_from_its_last_checkpoint(training_file, tmp_path, tiny_gemma, rebase_env):
     out = tmp_path / "student"
     command = [sys.executable, "-m", "rebase", "train", "--data", str(training_file), "--task"]
     command += ["jobs/tasks/navigate.yaml", "--out", str(out), "--epochs", "2", "--batch-size", "4"]
+    command += ["--student", str(tiny_gemma)]
     command += ["--checkpoint-every", "1", "--max-length", "160"]
     storage = out / "checkpoints" / "train"
 
@@ -243,7 +245,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(training_file, tmp_pat
 
     kill_when(command, checkpointed, "training")
     assert not (out / "_SUCCESS").exists()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=rebase_env)
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
     assert "8 steps over 2 epoch(s), resumed from step" in line, line
@@ -311,7 +313,7 @@ def test_lineage_follows_the_transform_back_to_the_datastore(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_lost_worker_restarts_from_the_last_checkpoint(training_file, tmp_path):
+def test_a_lost_worker_restarts_from_the_last_checkpoint(training_file, tmp_path, tiny_gemma):
     import os
     import signal
     import threading
@@ -323,6 +325,7 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(training_file, tmp_path
         data=training_file,
         task="jobs/tasks/navigate.yaml",
         out=tmp_path / "student",
+        student=str(tiny_gemma),
         epochs=2,
         batch_size=4,
         checkpoint_every=1,
