@@ -13,8 +13,16 @@ from rebase.datastore import read_manifest
 from rebase.datastore.manifest import MANIFEST
 
 
-def rebase(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "rebase", *args], capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(autouse=True)
+def _join_the_session_ray(ray_address, monkeypatch):
+    """`rebase` subprocesses join the session's Ray instead of starting one each."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+
+
+def rebase(*args, timeout=600, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "rebase", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -27,7 +35,7 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.fixture(scope="module")
-def built_store(tmp_path_factory):
+def built_store(tmp_path_factory, rebase_env):
     """A small real datastore built once through the CLI."""
     root = tmp_path_factory.mktemp("cli")
     (root / "a.jsonl").write_text(
@@ -35,7 +43,15 @@ def built_store(tmp_path_factory):
     )
     out = root / "store"
     result = rebase(
-        "datastore", "build", "--source", f"files:{root}/a.jsonl", "--out", str(out), "--description", "Q&A"
+        "datastore",
+        "build",
+        "--source",
+        f"files:{root}/a.jsonl",
+        "--out",
+        str(out),
+        "--description",
+        "Q&A",
+        env=rebase_env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
