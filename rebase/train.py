@@ -24,7 +24,8 @@ import random
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -471,8 +472,7 @@ class _Worker:
 def _deepspeed_engine(settings: LoopSettings):
     """The student wrapped by DeepSpeed with its AdamW optimizer and linear warm-up schedule."""
     if not settings.use_gpu:
-        # DeepSpeed's documented switch: a CPU worker says so, rather than DeepSpeed probing and warning.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _deepspeed_on_cpu()
     import deepspeed
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -595,6 +595,22 @@ def _report(engine, state: LoopState, settings: LoopSettings, rank: int, final: 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def _deepspeed_on_cpu() -> None:
+    """DeepSpeed's documented switch: a process without a GPU says so before DeepSpeed is imported (by us or
+    by peft), rather than DeepSpeed probing and warning."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@contextmanager
+def _peft_model():
+    """Around building a `PeftModel`: peft (0.21.2, the newest) reads transformers' deprecated
+    `is_gradient_checkpointing` inside `PeftModel.__init__` whatever its caller passes; that one
+    FutureWarning is peft's own call, so it alone is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def build_student(model_path: str | Path, lora: LoraSettings | None):
     """The student to train: the base model, with LoRA adapters (peft) unless fine-tuning every weight."""
     import torch
@@ -614,7 +630,8 @@ def build_student(model_path: str | Path, lora: LoraSettings | None):
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, adapters)
+    with _peft_model():
+        return get_peft_model(model, adapters)
 
 
 def deepspeed_config(settings: LoopSettings) -> dict:
@@ -652,10 +669,13 @@ def export_student(weights: Path, model_path: Path, out: Path, tokenizer, lora: 
     from transformers import AutoModelForCausalLM
 
     if lora:
+        if not torch.cuda.is_available():
+            _deepspeed_on_cpu()
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, weights).merge_and_unload()
+        with _peft_model():
+            model = PeftModel.from_pretrained(base, weights).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
