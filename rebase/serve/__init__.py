@@ -113,9 +113,12 @@ def _student_options(config: ServeConfig) -> dict:
 
 
 def _cluster_gpus() -> float:
+    """The cluster's GPUs once Ray is up; none while an application is only being built."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    from rebase.ray_setup import cluster_gpus
+
+    return cluster_gpus() if ray.is_initialized() else 0.0
 
 
 def serve_student(config: ServeConfig, ready: Callable[[str], None] | None = None) -> None:
