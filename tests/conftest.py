@@ -156,7 +156,7 @@ def training_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_student(tmp_path_factory, training_file):
     """A student trained once per session on the real built-in model under real Ray Train + DeepSpeed:
-    16 examples, 2 epochs of 4-example batches (8 steps), LoRA."""
+    16 examples, 1 epoch of 2-example batches (8 steps), LoRA."""
     from rebase.config import TrainConfig
     from rebase.train import train
 
@@ -165,8 +165,8 @@ def trained_student(tmp_path_factory, training_file):
         data=training_file,
         task="jobs/tasks/navigate.yaml",
         out=out,
-        epochs=2,
-        batch_size=4,
+        epochs=1,
+        batch_size=2,
         learning_rate=1e-3,
         max_length=160,
     )

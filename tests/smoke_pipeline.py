@@ -23,8 +23,9 @@ TASK = {
 }
 
 
-def write_smoke_pipeline(root: Path, name: str = "smoke", **sections) -> Path:
-    """Data, task file and pipeline file under `root`; `sections` replace whole pipeline sections."""
+def write_smoke_pipeline(root: Path, name: str = "smoke", student: str | None = None, **sections) -> Path:
+    """Data, task file and pipeline file under `root`; `student` replaces the built-in student (a machinery
+    test passes the tiny random-weight model); `sections` replace whole pipeline sections."""
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     write_jsonl(
@@ -51,7 +52,8 @@ def write_smoke_pipeline(root: Path, name: str = "smoke", **sections) -> Path:
         "datastore": {"sources": [f"files:{data}"], "embed_concurrency": [1, 1], "embed_threads": 1},
         "retrieve": {"top_k": 12, "exact": True},
         "transform": {"limit": 4, "max_new_tokens": 48, "batch_size": 4, "prompts_per_call": 2, "concurrency": [1, 1]},
-        "train": {"epochs": 1, "batch_size": 2, "max_length": 96, "learning_rate": 1e-3},
+        "train": {"epochs": 1, "batch_size": 2, "max_length": 96, "learning_rate": 1e-3}
+        | ({"student": student} if student else {}),
         "evaluate": {
             "data": f"files:{held_out}",
             "limit": 4,

@@ -67,7 +67,9 @@ def ray_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=10)  # then the whole group is killed: the test's cluster holds nothing to keep
+            # `ray start --block` takes longer than 10 s to stop on SIGTERM; the test's cluster holds nothing
+            # to keep, so the whole group is killed after a moment.
+            head.wait(timeout=2)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
@@ -117,9 +119,11 @@ def _stage_state(run_dir: Path, stage: str) -> str | None:
 
 
 @pytest.mark.slow
-def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp_path):
+def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp_path, tiny_gemma):
     jobs = ray_head.jobs
-    pipeline = write_smoke_pipeline(tmp_path / "inputs")
+    # The built-in teacher writes the training set; the student is the tiny random-weight Gemma 3, since
+    # this test is about the job's machinery (the built-in student's stages have their own tests).
+    pipeline = write_smoke_pipeline(tmp_path / "inputs", student=str(tiny_gemma))
     root = tmp_path / "root"
     run_dir = root / "out" / "runs" / "smoke"
 
@@ -168,7 +172,7 @@ def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp
     # The same pipeline with a serve section: every finished stage is skipped and the student is served
     # until Ctrl-C, on the task's routes too, from a driver that joins the head (no second Ray to start).
     port = free_port()
-    serving = write_smoke_pipeline(tmp_path / "inputs", serve={"port": port})
+    serving = write_smoke_pipeline(tmp_path / "inputs", student=str(tiny_gemma), serve={"port": port})
     command = [sys.executable, "-m", "rebase", "run", str(serving), "--root", str(root), "--only", "serve"]
     joining = {**RAY_ENV, "RAY_ADDRESS": ray_head.gcs}
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=joining)
