@@ -9,12 +9,14 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rebase.errors import RebaseError
+from rebase.precision import Precision
 
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 TASK_FILE = "task YAML file"
 # The learning rate when none is given (TrainConfig.effective_learning_rate): adapters take larger steps.
 LORA_LEARNING_RATE = 2e-4
 FULL_LEARNING_RATE = 2e-5
+PRECISION_AUTO = "auto: bfloat16 on GPUs and on CPUs with native bfloat16 (avx512_bf16, AMX), else float32"
 
 
 def _short(rate: float) -> str:
@@ -55,6 +57,7 @@ class DatastoreConfig(StageConfig):
         None, description="(min, max) embedding actors; default (1, GPUs) on GPUs, (1, CPUs / embed_threads) on CPUs"
     )
     embed_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor; default min(4, cores)")
+    embed_dtype: Precision = Field("auto", description="precision of the embedder; " + PRECISION_AUTO)
     shard_vectors: int = Field(1_000_000, ge=1, description="most vectors in one FAISS shard")
     flat_max_vectors: int = Field(
         200_000, ge=1, description="with index=auto, shards up to this size are exact (flat), larger are IVF"
@@ -129,6 +132,7 @@ class GenerationConfig(StageConfig):
     request_timeout: float = Field(120.0, gt=0, description="engine openai: seconds per request")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="engine vllm")
     max_model_len: int | None = Field(None, ge=64, description="engine vllm")
+    dtype: Precision = Field("auto", description="model precision (transformers, vllm); " + PRECISION_AUTO)
 
     @model_validator(mode="after")
     def _endpoint_for_openai(self) -> GenerationConfig:
@@ -188,6 +192,10 @@ class TrainConfig(StageConfig):
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before giving up")
     seed: int = 0
+    dtype: Precision = Field(
+        "auto",
+        description="compute precision (bfloat16 autocast, float32 master weights and export); " + PRECISION_AUTO,
+    )
 
     # Derived defaults as properties, not filled-in fields: a student's stats.json and its fingerprint keep
     # the config as given (None), so students trained before stay recognised.
@@ -236,6 +244,7 @@ class ServeConfig(StageConfig):
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling: requests in flight per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once")
     threads: int | None = Field(None, ge=1, description="torch threads per CPU replica; default all cores")
+    dtype: Precision = Field("auto", description="model precision; " + PRECISION_AUTO)
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     max_prompt_tokens: int = Field(4096, ge=16)
     max_tokens_limit: int = Field(1024, ge=1, description="the most `max_tokens` a request may ask for")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rebase import precision
 from rebase.config import EvaluateConfig
 from rebase.errors import RebaseError
 from rebase.io import write_parquet_atomic
@@ -178,6 +179,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     prompts = [student_prompt(task, example["input"], few_shot) for example in examples]
     params = GenerationParams(config.max_new_tokens, config.temperature, None, stop=STUDENT_STOP)
     settings = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "stop": STUDENT_STOP}
+    settings |= precision.hashed(config.dtype, config.engine)
     print(f"evaluate: {len(examples)} examples of {spec}, {len(models)} model(s)", file=sys.stderr)
     scores: dict[str, dict[str, float]] = {}
     rows = []

@@ -179,8 +179,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Settings added after run directories existed, with their defaults: hashed only when set to something else,
+# so stages finished before they existed stay finished.
+_ADDED_LATER = {"dtype": "auto", "embed_dtype": "auto"}
+
+
 def _settings_hash(stage_config) -> str:
-    return hashlib.sha256(json.dumps(stage_config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    values = stage_config.model_dump(mode="json")
+    values = {key: value for key, value in values.items() if _ADDED_LATER.get(key, object()) != value}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _run_stage(stage: str, stage_config, run_dir: Path, existing_store: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from tqdm import tqdm
@@ -18,19 +19,31 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
 
 
 @contextmanager
-def heartbeat(bar: tqdm, every: float | None = None):
-    """Redraw `bar` every `every` seconds (default: its own interval) while the body runs, so work that
-    reports in large steps (a teacher call of minutes) still shows it is alive and how long it has run."""
+def heartbeat(bar: tqdm, every: float | None = None, position: Callable[[], int] | None = None):
+    """Redraw `bar` every `every` seconds (default: its own interval, at least 1 s) while the body runs, so
+    work that reports in large steps still shows it is alive and how long it has run. With `position` (how
+    much is done, asked each time: e.g. prompts that actors have finished), the bar also moves to it, so its
+    rate and time left follow the work. Yields `sync()`, which moves the bar to `position` at once."""
     stop = threading.Event()
+    lock = threading.Lock()
+
+    def sync() -> None:
+        with lock:
+            if position is not None:
+                done = min(position(), bar.total if bar.total is not None else float("inf"))
+                if done > bar.n:
+                    bar.update(done - bar.n)
+                    return
+            bar.refresh()
 
     def beat() -> None:
-        while not stop.wait(every or bar.mininterval):
-            bar.refresh()
+        while not stop.wait(every or max(bar.mininterval, 1.0)):
+            sync()
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     try:
-        yield bar
+        yield sync
     finally:
         stop.set()
         thread.join()

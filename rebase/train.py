@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from rebase import precision
 from rebase.config import TrainConfig
 from rebase.errors import RebaseError
 from rebase.models import canonical_model_name, resolve_model
@@ -199,6 +200,7 @@ class LoopSettings:
     threads: int | None
     pad_id: int
     seed: int
+    dtype: str = "float32"  # as asked ("auto" is resolved on each worker, which knows its device)
 
     @property
     def method(self) -> str:
@@ -231,6 +233,7 @@ def loop_settings(
         threads=placement.threads,
         pad_id=pad_id,
         seed=config.seed,
+        dtype=config.dtype,
     )
 
 
@@ -310,6 +313,7 @@ def train(config: TrainConfig) -> TrainSummary:
     if not encoded.rows:
         raise RebaseError(f"no example fits --max-length {config.max_length} (every prompt is longer); raise it")
     placement = _placement(config)
+    precision.check(config.dtype, placement.use_gpu, "train")
     if len(encoded.rows) < config.workers:
         raise RebaseError(f"{len(encoded.rows)} examples cannot feed {config.workers} workers; use fewer workers")
     stage.begin(fingerprint, student=canonical_model_name(config.student))
@@ -317,7 +321,8 @@ def train(config: TrainConfig) -> TrainSummary:
     settings = loop_settings(config, model_path, pad_id, len(encoded.rows), placement)
     print(
         f"train: {len(encoded.rows)} examples ({encoded.truncated} truncated, {encoded.dropped} dropped), "
-        f"{settings.total_steps} steps on {config.workers} worker(s), ZeRO-{config.zero_stage}, {settings.method}",
+        f"{settings.total_steps} steps on {config.workers} worker(s), ZeRO-{config.zero_stage}, {settings.method}, "
+        f"{precision.describe(config.dtype, placement.use_gpu)}",
         file=sys.stderr,
     )
     # The loop (on the workers), then export of the final checkpoint and the student's card and stats.
@@ -366,12 +371,12 @@ def _summary(
 
 def _fingerprint(task: TaskSpec, pairs: list[dict], config: TrainConfig) -> str:
     """What makes a student what it is: its data, task, base model and the settings that change the weights."""
-    ignored = {"out", "storage_path", "max_failures", "threads", "checkpoint_every", "data", "task"}
+    ignored = {"out", "storage_path", "max_failures", "threads", "checkpoint_every", "data", "task", "dtype"}
     payload = {
         "data": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
         "task": task.model_dump(mode="json"),
         "student": canonical_model_name(config.student),
-        "settings": config.model_dump(mode="json", exclude=ignored),
+        "settings": config.model_dump(mode="json", exclude=ignored) | precision.hashed(config.dtype),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -519,7 +524,8 @@ def _train_epoch(engine, shard, state: LoopState, settings: LoopSettings, worker
         batch = collate(rows, settings.pad_id)
         began = time.monotonic()
         batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-        loss = response_loss(engine, batch)
+        with autocast(settings):
+            loss = response_loss(engine, batch)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates the weights every `gradient_accumulation` micro-batches
         state.batches_done = index + 1
@@ -532,14 +538,20 @@ def _train_epoch(engine, shard, state: LoopState, settings: LoopSettings, worker
         if worker.rank == 0 and (time.monotonic() - worker.printed > 10 or state.step == total):
             rate = state.tokens / max(state.seconds, 1e-9)
             # Straight to stderr: Ray Train's print patch would log each line twice.
+            left = (total - state.step) * state.seconds / max(state.step, 1)  # step time only: an estimate
             sys.stderr.write(
                 f"train: epoch {epoch + 1}/{settings.epochs} step {state.step}/{total} "
-                f"loss {state.losses[-1][1]:.4f} ({rate:,.0f} tokens/s)\n"
+                f"loss {state.losses[-1][1]:.4f} ({rate:,.0f} tokens/s, about {_duration(left)} left)\n"
             )
             sys.stderr.flush()
             worker.printed = time.monotonic()
         if every and state.step % every == 0 and state.step < total:
             _report(engine, state, settings, worker.rank, final=False)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _end_step(state: LoopState, step: int, worker: _Worker) -> None:
@@ -549,6 +561,17 @@ def _end_step(state: LoopState, step: int, worker: _Worker) -> None:
     state.losses.append([step, round(loss / batches, 4)])
     state.tokens += int(tokens)
     worker.loss, worker.batches, worker.tokens = 0.0, 0, 0
+
+
+def autocast(settings: LoopSettings):
+    """bfloat16 autocast around the forward pass when the precision resolves to it on this worker's device
+    (weights, gradients and optimizer state stay float32, so the export is a plain float32 model)."""
+    import torch
+
+    device = "cuda" if settings.use_gpu else "cpu"
+    if precision.resolve(settings.dtype, device) == "bfloat16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def response_loss(model, batch: dict):

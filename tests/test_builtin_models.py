@@ -56,3 +56,17 @@ def test_builtin_minilm_embeds_offline(monkeypatch):
     )
     assert vectors.shape == (3, 384)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+
+
+def test_builtin_minilm_in_bfloat16_stays_close_to_float32():
+    import numpy as np
+
+    from rebase.datastore.embed import Embedder
+
+    texts = ["a cat sits on a mat", "quarterly tax filing", "Take 3 steps. Turn around. Take 3 steps."]
+    full = Embedder(str(resolve_model("builtin:minilm")), dtype="float32")
+    half = Embedder(str(resolve_model("builtin:minilm")), dtype="bfloat16")
+    assert (full.dtype, half.dtype) == ("float32", "bfloat16")
+    ours, theirs = half.encode(texts), full.encode(texts)
+    assert ours.dtype == np.float32 and np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    assert (ours * theirs).sum(axis=1).min() > 0.99

@@ -232,3 +232,26 @@ def test_json_schema_constrains_each_row_as_xgrammar_does_in_generate(engine):
         assert completion.text == engine.tokenizer.decode(expected)
         assert completion.finish_reason == "stop"
         assert set(json.loads(completion.text)) == {"reason", "answer"}
+
+
+def test_generate_reports_each_prompt_as_it_finishes(engine):
+    """Progress per prompt: `on_done` hears of rows as they end (two places, five prompts of five lengths),
+    not once per call."""
+    heard: list[int] = []
+    rows = [GenerationParams(max_new_tokens=n) for n in (3, 20, 9, 14, 6)]
+    prompts = [HEAD + review for review in REVIEWS]
+    for prompt, params in zip(prompts, rows):  # one call per length, then all five in one call
+        heard.clear()
+        engine.generate([prompt], params, on_done=heard.append)
+        assert heard == [1]
+    heard.clear()
+    engine.generate(prompts, GenerationParams(max_new_tokens=12), on_done=heard.append)
+    assert sum(heard) == 5 and len(heard) >= 3  # two at a time: at least three separate reports
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_loads_the_precision_asked_for(tiny_gemma, dtype):
+    engine = TransformersEngine(tiny_gemma, batch_size=2, threads=1, dtype=dtype)
+    assert engine.dtype == dtype and str(engine.model.dtype) == f"torch.{dtype}"
+    [completion] = engine.generate([HEAD + "ok"], GenerationParams(max_new_tokens=4))
+    assert completion.completion_tokens <= 4

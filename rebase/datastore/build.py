@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from rebase import precision
 from rebase.config import DatastoreConfig
 from rebase.datastore.embed import embed_blocks, embedding_dimension
 from rebase.datastore.flatten import cell_id, description_id, even_sample, flatten_row, row_uid, value_id
@@ -426,6 +427,7 @@ def _embed_pending(out: Path, entries: list[SourceEntry], model_path: str, confi
         return 0
     total = sum(parquet_rows(p) for p in pending)
     threads, concurrency = embedding_resources(config, gpus)
+    precision.check(config.embed_dtype, bool(gpus), "embedding")
     with progress_bar(total=total, desc="embedding distinct values", unit=" values") as bar:
         return embed_blocks(
             pending,
@@ -433,6 +435,7 @@ def _embed_pending(out: Path, entries: list[SourceEntry], model_path: str, confi
             model_path,
             batch_size=config.embed_batch_size,
             max_tokens=config.embed_max_tokens,
+            dtype=config.embed_dtype,
             concurrency=concurrency,
             gpus=gpus,
             threads=threads,

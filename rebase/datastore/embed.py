@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rebase import precision
 from rebase.io import numpy_to_embeddings, parquet_rows, write_parquet_atomic
 from rebase.ray_setup import actor_pool
 
@@ -22,7 +23,12 @@ class Embedder:
     """A sentence-transformers model in one Ray actor (or plain process): texts in, unit vectors out."""
 
     def __init__(
-        self, model_path: str, batch_size: int = 32, threads: int | None = None, max_tokens: int | None = None
+        self,
+        model_path: str,
+        batch_size: int = 32,
+        threads: int | None = None,
+        max_tokens: int | None = None,
+        dtype: str = "float32",
     ):
         import torch
         from sentence_transformers import SentenceTransformer
@@ -31,13 +37,21 @@ class Embedder:
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
         self.model = SentenceTransformer(model_path, device=device)
+        self.dtype = precision.resolve(dtype, device)
+        if self.dtype != "float32":
+            # vectors come back as float32 (sentence-transformers casts before NumPy); measured against float32
+            # on this project's data: cosine >= 0.998 per text (benchmarks/RESULTS.md)
+            self.model.to(precision.torch_dtype(self.dtype))
         if max_tokens:
             self.model.max_seq_length = min(max_tokens, self.model.max_seq_length or max_tokens)
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
         vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
-        return vectors.astype(np.float32, copy=False)
+        vectors = vectors.astype(np.float32, copy=False)
+        if self.dtype != "float32":  # unit length in float32, not only to bfloat16's 3 digits
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
@@ -88,6 +102,7 @@ def embed_blocks(
     gpus: float,
     threads: int,
     max_tokens: int | None = None,
+    dtype: str = "float32",
     on_block: Callable[[int], None] | None = None,
 ) -> int:
     """Embed the pending blocks through a Ray Data actor pool; write one values block per pending block.
@@ -113,6 +128,7 @@ def embed_blocks(
             "batch_size": batch_size,
             "threads": None if gpus else threads,
             "max_tokens": max_tokens,
+            "dtype": dtype,
         },
         batch_size=None,  # a whole block per call: encode() sorts it by length, so batches pad little
         batch_format="numpy",

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rebase import precision
 from rebase.errors import RebaseError
 from rebase.generate.batching import ContinuousBatch, Event
 
@@ -43,16 +44,20 @@ class Completion:
 
 
 class Engine(Protocol):
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]: ...
+    def generate(
+        self, prompts: list[str], params: GenerationParams, on_done: Callable[[int], None] | None = None
+    ) -> list[Completion]:
+        """Completions in prompt order; `on_done(n)` is called as each n more prompts finish (progress)."""
+        ...
 
 
 def make_engine(kind: str, model: str, **options) -> Engine:
     """The engine `kind` for `model` (a local directory for transformers and vLLM, the served name for openai);
     options not meant for that engine are ignored, so one config drives all three."""
     if kind == "transformers":
-        return TransformersEngine(model, **_pick(options, "batch_size", "threads", "share_prefix", "chat"))
+        return TransformersEngine(model, **_pick(options, "batch_size", "threads", "share_prefix", "chat", "dtype"))
     if kind == "vllm":
-        return VLLMEngine(model, **_pick(options, "gpu_memory_utilization", "max_model_len", "chat"))
+        return VLLMEngine(model, **_pick(options, "gpu_memory_utilization", "max_model_len", "chat", "dtype"))
     if kind == "openai":
         names = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "structured", "chat")
         return OpenAIEngine(model, **_pick(options, *names))
@@ -82,6 +87,7 @@ class TransformersEngine:
         threads: int | None = None,
         share_prefix: bool = True,
         chat: bool | None = None,
+        dtype: str = "auto",
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,7 +97,8 @@ class TransformersEngine:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.dtype = precision.resolve(dtype, self.device)
+        dtype = precision.torch_dtype(self.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -113,11 +120,18 @@ class TransformersEngine:
         # a chat template already starts with BOS
         return self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
 
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[str], params: GenerationParams, on_done: Callable[[int], None] | None = None
+    ) -> list[Completion]:
         """Every prompt decoded to its end (an end token, a stop string, the grammar's end or the length)."""
         ids = [self.encode(p) for p in prompts]
         grammar = self.grammar(params.json_schema) if params.json_schema is not None else None
-        decoded = ContinuousBatch(self, ids, [params] * len(ids), grammar).run()
+        batch = ContinuousBatch(self, ids, [params] * len(ids), grammar)
+        for events in batch.steps():
+            finished = sum(1 for _, _, done in events if done)
+            if finished and on_done:
+                on_done(finished)
+        decoded = zip(batch.generated, batch.stopped)
         completions = []
         for (tokens, stopped), prompt_ids in zip(decoded, ids):
             text, at_stop = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
@@ -157,6 +171,8 @@ def vllm_llm_kwargs(model: str, **options) -> dict:
         "enable_prefix_caching": True,
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         **_pick(options, "gpu_memory_utilization", "max_model_len"),
+        # our auto is vLLM's own ("auto": bfloat16 for bfloat16 checkpoints, float16 for float32 ones)
+        **({"dtype": options["dtype"]} if options.get("dtype", "auto") != "auto" else {}),
     }
 
 
@@ -185,25 +201,30 @@ class VLLMEngine:
         gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         chat: bool | None = None,
+        dtype: str = "auto",
     ):
         try:
             from vllm import LLM
         except ImportError:
             raise RebaseError("engine 'vllm' needs vLLM on the GPU nodes: pip install 'rebase[gpu]'") from None
-        self.llm = LLM(
-            **vllm_llm_kwargs(model_path, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
-        )
+        options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "dtype": dtype}
+        self.llm = LLM(**vllm_llm_kwargs(model_path, **options))
         has_template = bool(getattr(self.llm.get_tokenizer(), "chat_template", None))
         self.chat = has_template if chat is None else chat and has_template
 
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
-        """Every prompt through vLLM's scheduler in one call (it batches and caches shared prefixes itself)."""
+    def generate(
+        self, prompts: list[str], params: GenerationParams, on_done: Callable[[int], None] | None = None
+    ) -> list[Completion]:
+        """Every prompt through vLLM's scheduler in one call (it batches and caches shared prefixes itself);
+        progress is reported once, at the end of the call."""
         sampling = vllm_sampling_params(params)
         if self.chat:
             conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
             outputs = self.llm.chat(conversations, sampling, use_tqdm=False)
         else:
             outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        if on_done:
+            on_done(len(outputs))
         return [
             Completion(
                 text=o.outputs[0].text,
@@ -260,10 +281,19 @@ class OpenAIEngine:
             if error.status_code < 500 and error.status_code != 429:
                 raise RebaseError(f"{self.base_url} rejected a test request: {error.status_code}") from None
 
-    def generate(self, prompts: list[str], params: GenerationParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[str], params: GenerationParams, on_done: Callable[[int], None] | None = None
+    ) -> list[Completion]:
         """One request per prompt, `concurrency` at a time; a request that fails for good is an error completion."""
+
+        def one(prompt: str) -> Completion:
+            completion = self._one(prompt, params)
+            if on_done:
+                on_done(1)
+            return completion
+
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda prompt: self._one(prompt, params), prompts))
+            return list(pool.map(one, prompts))
 
     def _one(self, prompt: str, params: GenerationParams) -> Completion:
         import openai

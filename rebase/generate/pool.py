@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rebase import precision
 from rebase.config import GenerationConfig
 from rebase.errors import RebaseError
 from rebase.generate.engines import GenerationParams, OpenAIEngine, make_engine
@@ -81,6 +82,8 @@ class GenerationPool:
         gpus = cluster_gpus() if config.engine != "openai" else 0
         if config.engine == "vllm" and not gpus:
             raise RebaseError("engine 'vllm' needs GPUs in the Ray cluster; use --engine transformers on CPUs")
+        if config.engine != "openai":
+            precision.check(config.dtype, bool(gpus), self.model)
         if config.engine == "openai":
             model = self.model
             OpenAIEngine(model, config.base_url, config.api_key_env, max_retries=1, timeout=30, chat=self.chat).check()
@@ -101,6 +104,7 @@ class GenerationPool:
             "chat": self.chat,
             "gpu_memory_utilization": config.gpu_memory_utilization,
             "max_model_len": config.max_model_len,
+            "dtype": config.dtype,
         }
         if config.concurrency:
             self.concurrency = config.concurrency
@@ -135,8 +139,10 @@ class GenerationPool:
             self._prepare()
             cache.mkdir(parents=True, exist_ok=True)
             started = time.monotonic()
-            with progress_bar(total=len(pending), desc=what, unit="prompt") as bar, heartbeat(bar):
-                for batch in self._run(pending, prompts, params):
+            finished = FinishedCount()
+            bar = progress_bar(total=len(pending), desc=what, unit="prompt")
+            with bar, finished, heartbeat(bar, position=finished.total) as sync:
+                for batch in self._run(pending, prompts, params, finished.handle):
                     errors = batch.column("error").to_pylist()
                     kept = batch.filter(pa.array([e is None for e in errors])).select(ANSWER_SCHEMA.names)
                     if kept.num_rows:
@@ -148,7 +154,8 @@ class GenerationPool:
                     for h, error in zip(batch.column("prompt_hash").to_pylist(), errors):
                         if error is not None:
                             failed[h] = {"error": error}
-                    bar.update(batch.num_rows)
+                    finished.floor += batch.num_rows
+                    sync()
             seconds = time.monotonic() - started
         lost = {"error": "no answer came back from the engine"}  # kept as failed; a re-run sends it again
         result = {h: answers.get(h) or failed.get(h, lost) for h in prompts}
@@ -161,7 +168,7 @@ class GenerationPool:
         )
         return result, run
 
-    def _run(self, pending: list[str], prompts: dict[str, str], params: GenerationParams):
+    def _run(self, pending: list[str], prompts: dict[str, str], params: GenerationParams, progress):
         import ray
 
         size = self.config.prompts_per_call
@@ -171,7 +178,7 @@ class GenerationPool:
         dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / size)))
         dataset = dataset.map_batches(
             GenerationActor,
-            fn_constructor_kwargs={"engine": self.engine_options, "params": params.__dict__},
+            fn_constructor_kwargs={"engine": self.engine_options, "params": params.__dict__, "progress": progress},
             batch_size=size,
             batch_format="numpy",
             compute=actor_pool(self.concurrency),
@@ -184,16 +191,22 @@ class GenerationPool:
 
 
 class GenerationActor:
-    """One engine per Ray actor, loaded once; each call answers one batch of prompts."""
+    """One engine per Ray actor, loaded once; each call answers one batch of prompts and tells the driver's
+    `progress` counter (a `FinishedCount` actor) as each prompt finishes."""
 
-    def __init__(self, engine: dict, params: dict):
+    def __init__(self, engine: dict, params: dict, progress=None):
         options = dict(engine)
         self.engine = make_engine(options.pop("kind"), options.pop("model"), **options)
         self.params = GenerationParams(**params)
+        self.progress = progress
+
+    def _finished(self, count: int) -> None:
+        self.progress.add.remote(count)  # fire and forget: progress must never slow generation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         started = time.monotonic()
-        completions = self.engine.generate([str(p) for p in batch["prompt"]], self.params)
+        on_done = self._finished if self.progress is not None else None
+        completions = self.engine.generate([str(p) for p in batch["prompt"]], self.params, on_done)
         seconds = (time.monotonic() - started) / max(1, len(completions))
         return {
             "prompt_hash": [str(h) for h in batch["prompt_hash"]],
@@ -204,6 +217,47 @@ class GenerationActor:
             "error": [c.error for c in completions],
             "seconds": [seconds] * len(completions),
         }
+
+
+class _Counter:
+    def __init__(self):
+        self.count = 0
+
+    def add(self, count: int) -> None:
+        self.count += count
+
+    def total(self) -> int:
+        return self.count
+
+
+class FinishedCount:
+    """Prompts finished so far, counted by a small Ray actor that the generation actors tell as each prompt
+    ends (a call of 128 prompts takes minutes; its answers only come back at its end). `floor`: prompts
+    known answered from the calls that came back, in case a restarted actor's count was lost."""
+
+    def __init__(self):
+        self.floor = 0
+        self.handle = None
+
+    def __enter__(self) -> FinishedCount:
+        import ray
+
+        self.handle = ray.remote(num_cpus=0)(_Counter).remote()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.kill(self.handle)
+
+    def total(self) -> int:
+        import ray
+
+        try:
+            counted = ray.get(self.handle.total.remote(), timeout=10)
+        except (ray.exceptions.RayError, TimeoutError):
+            counted = 0  # progress only: a slow or lost counter never stops the stage
+        return max(self.floor, counted)
 
 
 def _read_answers(cache: Path) -> dict[str, dict]:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rebase import precision
 from rebase.config import ServeConfig, build_config
 from rebase.errors import RebaseError
 from rebase.models import BUILTINS, canonical_model_name, resolve_model
@@ -79,6 +80,8 @@ def vllm_llm_config(config: ServeConfig) -> LLMConfig:
     return LLMConfig(
         model_loading_config={"model_id": served_name(config), "model_source": source},
         deployment_config=_scaling(config),
+        # our auto is vLLM's own (the checkpoint's precision, float16 for float32 checkpoints)
+        engine_kwargs={"dtype": config.dtype} if config.dtype != "auto" else {},
     )
 
 
@@ -130,6 +133,10 @@ def serve_student(config: ServeConfig, ready: Callable[[str], None] | None = Non
 
     resolve_model(config.model)  # a model that cannot be found offline: one line, before Ray starts
     ensure_ray()
+    if config.engine == "transformers":
+        from rebase.ray_setup import cluster_gpus
+
+        precision.check(config.dtype, bool(cluster_gpus()), "serve")
     application = build_app(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application, name="rebase", route_prefix="/", blocking=False)

@@ -84,7 +84,9 @@ class StudentServer:
 
         self.config, self.task, self.name = config, task, config.name
         threads = None if torch.cuda.is_available() else (config.threads or os.cpu_count() or 1)
-        self.engine = TransformersEngine(str(resolve_model(config.model)), config.max_batch_size, threads)
+        self.engine = TransformersEngine(
+            str(resolve_model(config.model)), config.max_batch_size, threads, dtype=config.dtype
+        )
         self.tokenizer = self.engine.tokenizer
         trained = student_stats(config.model).get("config", {}).get("few_shot")
         self.few_shot = bool(config.few_shot if config.few_shot is not None else trained)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rebase import precision
 from rebase.config import TransformConfig
 from rebase.errors import RebaseError
 from rebase.generate.engines import GenerationParams
@@ -86,6 +87,7 @@ def transform(config: TransformConfig) -> TransformSummary:
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
         "constrained": config.constrained,
+        **precision.hashed(config.dtype, config.engine),
     }
     fingerprint = _fingerprint(task, config, settings)
     out = config.out
