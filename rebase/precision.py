@@ -47,9 +47,9 @@ def resolve(dtype: str, device: str) -> str:
 
 def describe(dtype: str, gpus: bool) -> str:
     """What `dtype` will mean on the workers, as a driver without their device can tell it."""
-    if dtype == "auto" and gpus:
-        return "auto (bfloat16 where the GPU has it)"
-    return resolve(dtype, "cpu") if not gpus else dtype
+    if not gpus:
+        return resolve(dtype, "cpu")
+    return "auto (bfloat16 where the GPU has it)" if dtype == "auto" else dtype
 
 
 def check(dtype: str, gpus: bool, what: str) -> None:

@@ -10,6 +10,14 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 
+def duration(seconds: float) -> str:
+    """A duration as people read it: 12.3s, 4m 05s, 2h 03m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m {rest:02d}s" if minutes < 60 else f"{minutes // 60}h {minutes % 60:02d}m"
+
+
 def progress_bar(iterable=None, **kwargs) -> tqdm:
     """A tqdm bar on stderr; redrawn at most every 10 s when stderr is not a terminal."""
     kwargs.setdefault("file", sys.stderr)

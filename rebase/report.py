@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from rebase.config import STAGES
 from rebase.io import write_bytes_atomic
+from rebase.progress import duration
 
 STATUS_ORDER = ("ok", "rejected", "duplicate", "parse_error")
 STATUS_COLOURS = {"ok": "#2e7d32", "rejected": "#ef6c00", "duplicate": "#757575", "parse_error": "#c62828"}
@@ -488,13 +489,7 @@ def _number(value) -> str:
 
 
 def _duration(seconds) -> str:
-    if seconds is None:
-        return ""
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes}m {rest:02d}s" if minutes < 60 else f"{minutes // 60}h {minutes % 60:02d}m"
+    return "" if seconds is None else duration(float(seconds))
 
 
 def _time(iso: str | None) -> str:

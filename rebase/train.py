@@ -37,6 +37,7 @@ from rebase import precision
 from rebase.config import TrainConfig
 from rebase.errors import RebaseError
 from rebase.models import canonical_model_name, resolve_model
+from rebase.progress import duration
 from rebase.stage import StageDir
 from rebase.task import TaskSpec, load_task, student_prompt
 
@@ -541,17 +542,12 @@ def _train_epoch(engine, shard, state: LoopState, settings: LoopSettings, worker
             left = (total - state.step) * state.seconds / max(state.step, 1)  # step time only: an estimate
             sys.stderr.write(
                 f"train: epoch {epoch + 1}/{settings.epochs} step {state.step}/{total} "
-                f"loss {state.losses[-1][1]:.4f} ({rate:,.0f} tokens/s, about {_duration(left)} left)\n"
+                f"loss {state.losses[-1][1]:.4f} ({rate:,.0f} tokens/s, about {duration(left)} left)\n"
             )
             sys.stderr.flush()
             worker.printed = time.monotonic()
         if every and state.step % every == 0 and state.step < total:
             _report(engine, state, settings, worker.rank, final=False)
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _end_step(state: LoopState, step: int, worker: _Worker) -> None:

@@ -47,9 +47,11 @@ class Embedder:
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        # In bfloat16 the vectors are made unit length here, in float32, not to bfloat16's 3 digits.
+        full = self.dtype == "float32"
+        vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=full, convert_to_numpy=True)
         vectors = vectors.astype(np.float32, copy=False)
-        if self.dtype != "float32":  # unit length in float32, not only to bfloat16's 3 digits
+        if not full:
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 

@@ -13,7 +13,7 @@ padding, so prefill computes only what differs, as vLLM's prefix caching does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +75,13 @@ class ContinuousBatch:
         usable = shared >= SHARED_PREFIX_MIN and (window is None or shared < window)
         return self.ids[0][:shared] if usable else []
 
-    def run(self) -> list[tuple[list[int], bool]]:
-        """Every row's generated tokens and whether it stopped (rather than ran out of length)."""
-        for _ in self.steps():
-            pass
+    def run(self, on_done: Callable[[int], None] | None = None) -> list[tuple[list[int], bool]]:
+        """Every row's generated tokens and whether it stopped (rather than ran out of length);
+        `on_done(n)` after each step in which n rows finished."""
+        for events in self.steps():
+            finished = sum(1 for _, _, done in events if done)
+            if finished and on_done:
+                on_done(finished)
         return list(zip(self.generated, self.stopped))
 
     def steps(self) -> Iterator[list[Event]]:

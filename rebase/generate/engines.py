@@ -126,12 +126,7 @@ class TransformersEngine:
         """Every prompt decoded to its end (an end token, a stop string, the grammar's end or the length)."""
         ids = [self.encode(p) for p in prompts]
         grammar = self.grammar(params.json_schema) if params.json_schema is not None else None
-        batch = ContinuousBatch(self, ids, [params] * len(ids), grammar)
-        for events in batch.steps():
-            finished = sum(1 for _, _, done in events if done)
-            if finished and on_done:
-                on_done(finished)
-        decoded = zip(batch.generated, batch.stopped)
+        decoded = ContinuousBatch(self, ids, [params] * len(ids), grammar).run(on_done)
         completions = []
         for (tokens, stopped), prompt_ids in zip(decoded, ids):
             text, at_stop = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)

@@ -82,12 +82,11 @@ class GenerationPool:
         gpus = cluster_gpus() if config.engine != "openai" else 0
         if config.engine == "vllm" and not gpus:
             raise RebaseError("engine 'vllm' needs GPUs in the Ray cluster; use --engine transformers on CPUs")
-        if config.engine != "openai":
-            precision.check(config.dtype, bool(gpus), self.model)
         if config.engine == "openai":
             model = self.model
             OpenAIEngine(model, config.base_url, config.api_key_env, max_retries=1, timeout=30, chat=self.chat).check()
         else:
+            precision.check(config.dtype, bool(gpus), self.model)
             model = str(resolve_model(self.model))
         threads = None if gpus else (config.threads or cpus)
         self.engine_options = {
