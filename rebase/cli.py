@@ -26,6 +26,7 @@ from rebase.config import (
     load_config,
 )
 from rebase.errors import RebaseError
+from rebase.precision import Precision
 
 
 def _concurrency(text: str) -> tuple[int, int]:
@@ -70,6 +71,7 @@ def _datastore_parser(commands) -> None:
     _option(build, DatastoreConfig, "description")
     _option(build, DatastoreConfig, "embed_concurrency", type=_concurrency, metavar="MIN,MAX")
     _option(build, DatastoreConfig, "embed_max_tokens", type=int)
+    _option(build, DatastoreConfig, "embed_dtype", choices=get_args(Precision))
     _option(build, DatastoreConfig, "shard_vectors", type=int)
     info = datastore_commands.add_parser("info", help="describe a datastore")
     info.add_argument("directory", type=Path)
@@ -95,6 +97,7 @@ def _generation_options(parser: argparse.ArgumentParser, model: type[GenerationC
     _option(parser, model, "concurrency", type=_concurrency, metavar="MIN,MAX")
     _option(parser, model, "threads", type=int)
     _option(parser, model, "max_new_tokens", type=int)
+    _option(parser, model, "dtype", choices=get_args(Precision))
 
 
 def _transform_parser(commands) -> None:
@@ -134,6 +137,7 @@ def _train_parser(commands) -> None:
         _option(train, TrainConfig, name, type=int)
     _option(train, TrainConfig, "device", choices=get_args(TrainConfig.model_fields["device"].annotation))
     _option(train, TrainConfig, "storage_path")
+    _option(train, TrainConfig, "dtype", choices=get_args(Precision))
 
 
 def _evaluate_parser(commands) -> None:
@@ -157,6 +161,7 @@ def _serve_parser(commands) -> None:
     _option(serve, ServeConfig, "engine", choices=get_args(ServeConfig.model_fields["engine"].annotation))
     _option(serve, ServeConfig, "name")
     _option(serve, ServeConfig, "host")
+    _option(serve, ServeConfig, "dtype", choices=get_args(Precision))
     for name in ("port", "min_replicas", "max_replicas", "max_batch_size", "threads"):
         _option(serve, ServeConfig, name, type=int)
 

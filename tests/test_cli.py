@@ -214,6 +214,11 @@ def test_info_into_a_closed_pipe_stops_quietly(built_store):
         (["train"], "TrainConfig", "student"),
         (["datastore", "build"], "DatastoreConfig", "embedder"),
         (["serve"], "ServeConfig", "host"),
+        (["serve"], "ServeConfig", "dtype"),
+        (["transform"], "TransformConfig", "dtype"),
+        (["evaluate"], "EvaluateConfig", "dtype"),
+        (["train"], "TrainConfig", "dtype"),
+        (["datastore", "build"], "DatastoreConfig", "embed_dtype"),
     ],
 )
 def test_help_states_the_configs_default(command, model, field, capsys, monkeypatch):
