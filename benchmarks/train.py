@@ -1,24 +1,26 @@
 """`rebase train` vs a plain single-process PyTorch/transformers loop, same model, same data, same run.
 
-    python benchmarks/train.py [--examples 48] [--epochs 2] [--batch-size 8] [--skip-two-workers]
+    python benchmarks/train.py [--examples 48] [--epochs 2] [--batch-size 8] [--skip-two-workers] [--skip-auto]
 
 Data: generated navigate-style examples with chain-of-thought answers (about 130 tokens each in the
 student's prompt format), the same list for every run. Model: the built-in Gemma 3 270M with LoRA r=16 on
 every linear layer, AdamW, fp32 on CPU. Measured:
-- stage: `rebase.train.train` on real Ray, 1 worker, DeepSpeed ZeRO-0: training tokens (non-padding
-  tokens of every batch) per second of step time, and wall time (Ray start, worker start, model load,
-  checkpoints and export included);
+- stage: `rebase.train.train` on real Ray, 1 worker, DeepSpeed ZeRO-0, `dtype: float32`: training tokens
+  (non-padding tokens of every batch) per second of step time, and wall time (Ray start, worker start,
+  model load, checkpoints and export included);
+- stage, default precision: the same with `dtype: auto` (bfloat16 autocast on a CPU with native bf16),
+  beside float32 in the same run, with both loss curves;
 - baseline: the same model and LoRA built in this process, batches in the same order, HF's own loss
   (`model(**batch, labels=...)`), `loss.backward()`, `optimizer.step()`: tokens per second of step time;
 - two workers: the stage with 2 workers (1 CPU thread each) and ZeRO-2.
-Prints each figure and the ratios stage/baseline and two-workers/baseline.
+Prints each figure and the ratios stage/baseline, auto/float32 and two-workers/baseline.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import json
+import multiprocessing
 import os
 import random
 import tempfile
@@ -26,6 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from rebase import precision
 from rebase.config import TrainConfig
 from rebase.models import resolve_model
 from rebase.task import load_task
@@ -102,8 +105,9 @@ def baseline(rows: list[dict], config: TrainConfig, threads: int) -> dict:
     }
 
 
-def stage(config: TrainConfig, out: Path, workers: int, zero: int, threads: int | None) -> dict:
-    config = config.model_copy(update={"out": out, "workers": workers, "zero_stage": zero, "threads": threads})
+def stage(config: TrainConfig, out: Path, workers: int, zero: int, threads: int | None, dtype: str) -> dict:
+    update = {"out": out, "workers": workers, "zero_stage": zero, "threads": threads, "dtype": dtype}
+    config = config.model_copy(update=update)
     started = time.monotonic()
     summary = train(config)
     return {
@@ -113,6 +117,7 @@ def stage(config: TrainConfig, out: Path, workers: int, zero: int, threads: int 
         "steps": summary.steps,
         "first_loss": summary.first_loss,
         "final_loss": summary.final_loss,
+        "losses": [round(loss, 3) for _, loss in summary.losses],
     }
 
 
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-two-workers", action="store_true")
+    parser.add_argument("--skip-auto", action="store_true", help="no run at the default precision (dtype auto)")
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     pairs = examples(args.examples)
@@ -140,13 +146,21 @@ def main() -> None:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
             results["baseline"] = child.submit(baseline, rows, config, threads).result()
         print("baseline", results["baseline"], flush=True)
-        results["stage_1_worker_zero0"] = stage(config, Path(scratch) / "one", 1, 0, None)
-        print("stage, 1 worker, ZeRO-0", results["stage_1_worker_zero0"], flush=True)
+        results["stage_1_worker_zero0"] = stage(config, Path(scratch) / "one", 1, 0, None, "float32")
+        print("stage, 1 worker, ZeRO-0, float32", results["stage_1_worker_zero0"], flush=True)
+        if not args.skip_auto:
+            results["stage_auto"] = stage(config, Path(scratch) / "auto", 1, 0, None, "auto")
+            results["stage_auto"]["precision"] = precision.resolve("auto", "cpu")
+            print("stage, 1 worker, ZeRO-0, dtype auto", results["stage_auto"], flush=True)
         if not args.skip_two_workers:
-            results["stage_2_workers_zero2"] = stage(config, Path(scratch) / "two", 2, 2, 1)
+            results["stage_2_workers_zero2"] = stage(config, Path(scratch) / "two", 2, 2, 1, "float32")
             print("stage, 2 workers, ZeRO-2", results["stage_2_workers_zero2"], flush=True)
     base = results["baseline"]["tokens_per_second"]
     results["ratio_stage_vs_baseline"] = round(results["stage_1_worker_zero0"]["tokens_per_second"] / base, 2)
+    auto = results.get("stage_auto")
+    if auto:
+        fp32 = results["stage_1_worker_zero0"]["tokens_per_second"]
+        results["ratio_auto_vs_float32"] = round(auto["tokens_per_second"] / fp32, 2)
     two = results.get("stage_2_workers_zero2")
     if two:
         results["ratio_two_workers_vs_baseline"] = round(two["tokens_per_second"] / base, 2)
@@ -155,6 +169,8 @@ def main() -> None:
         f"rebase train (1 worker, ZeRO-0) vs plain loop: {results['ratio_stage_vs_baseline']}x training tokens/s "
         "(target at least 0.8x)"
     )
+    if auto:
+        print(f"rebase train, dtype auto ({auto['precision']}) vs float32: {results['ratio_auto_vs_float32']}x")
 
 
 if __name__ == "__main__":
