@@ -158,7 +158,7 @@ def test_evaluate_a_student_beside_its_base_then_resume(trained_student, tmp_pat
     write_jsonl(tmp_path / "eval.jsonl", held_out)
     out = tmp_path / "evaluation"
     argv = ["evaluate", "--model", str(config.out), "--task", "jobs/tasks/navigate.yaml", "--out", str(out)]
-    argv += ["--data", f"files:{tmp_path / 'eval.jsonl'}", "--compare", "base", "--max-new-tokens", "48"]
+    argv += ["--data", f"files:{tmp_path / 'eval.jsonl'}", "--compare", "base", "--max-new-tokens", "24"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "(student)" in printed and "builtin:gemma3-270m (base)" in printed and "accuracy" in printed
