@@ -7,6 +7,8 @@ the cache (the GGUF load takes over a minute; the converted directory loads in s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -98,12 +100,28 @@ def gemma_hf_dir() -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF's metadata (a 262,144-entry vocabulary, read element by element through
+    NumPy memmaps: about 20 s here) once for the tokenizer and twice for the model. While converting, every
+    `gguf.GGUFReader(path)` it makes shares one parse of the file (the reader is only read from)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    gguf.GGUFReader = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf.name} to a Hugging Face directory (once, about a minute) ...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    print(f"converting {gguf.name} to a Hugging Face directory (once, about 30 s) ...", flush=True)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     # The weights are de-quantised to float32 on load; drop the GGUF quantiser so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

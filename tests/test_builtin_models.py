@@ -1,4 +1,4 @@
-"""The built-in models from PyPI packages, loaded for real (slow: the GGUF conversion takes a minute)."""
+"""The built-in models from PyPI packages, loaded for real (slow: the GGUF conversion takes about 30 s)."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def _build_command(out: Path, *sources: str, extra=()) -> list[str]:
     return command + list(extra)
 
 
-def test_interrupted_build_resumes_without_reembedding_finished_blocks(tmp_path):
+def test_interrupted_build_resumes_without_reembedding_finished_blocks(tmp_path, rebase_env):
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"text": f"sentence number {i} about topic {i % 17}", "id": f"item-{i}"} for i in range(1000)]
@@ -163,11 +163,11 @@ def test_interrupted_build_resumes_without_reembedding_finished_blocks(tmp_path)
         out, f"files:{data}/big.jsonl", extra=["--block-rows", "100", "--rows-per-dataset", "1000"]
     )
     values_dir = out / "values"
-    kill_when(command, lambda: len(list(values_dir.rglob("block-*.parquet"))) >= 5, "build")
+    kill_when(command, lambda: len(list(values_dir.rglob("block-*.parquet"))) >= 5, "build", env=rebase_env)
     finished_blocks = {p.name: p.stat().st_mtime_ns for p in values_dir.rglob("block-*.parquet")}
     assert 5 <= len(finished_blocks) < 20
 
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=rebase_env)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     distinct = 1000 * 2 + 1  # every text and id is distinct, plus one description
@@ -188,7 +188,7 @@ def test_build_from_bigbench_tasks(tmp_path):
     from rebase.datastore.sources import bigbench_archive, bigbench_row
 
     out = tmp_path / "bb"
-    summary = build_datastore(_config(out, ["bigbench:navigate,logical_deduction"], rows_per_dataset=200))
+    summary = build_datastore(_config(out, ["bigbench:navigate,logical_deduction"], rows_per_dataset=60))
     import tarfile
 
     expected = {}
@@ -205,7 +205,7 @@ def test_build_from_bigbench_tasks(tmp_path):
     datasets = {d["dataset_id"]: d for d in pq.read_table(out / "datasets.parquet").to_pylist()}
     assert set(datasets) == set(expected)
     for dataset_id, task in expected.items():
-        assert datasets[dataset_id]["rows"] == min(200, len(task["examples"]))
+        assert datasets[dataset_id]["rows"] == min(60, len(task["examples"]))
         assert datasets[dataset_id]["description"] == task["description"].strip()
     rows = _table(out, "rows").to_pylist()
     navigate = [r for r in rows if r["dataset_id"] == "bigbench/navigate"]
@@ -213,7 +213,7 @@ def test_build_from_bigbench_tasks(tmp_path):
     example = expected["bigbench/navigate"]["examples"][0]
     assert first["input"] == example["input"].strip()[:1000]
     assert first["output"] == bigbench_row(example)["output"]
-    assert summary.counts["rows"] == sum(min(200, len(t["examples"])) for t in expected.values())
+    assert summary.counts["rows"] == sum(min(60, len(t["examples"])) for t in expected.values())
 
 
 def test_values_waiting_from_an_earlier_build_are_finished_and_orphans_swept(tmp_path, source_files):

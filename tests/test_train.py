@@ -222,7 +222,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(training_file, tmp_pat
         snapshot = storage / "checkpoint_manager_snapshot.json"
         return snapshot.exists() and any(storage.glob("checkpoint_*/state.json"))
 
-    kill_when(command, checkpointed, "training")
+    kill_when(command, checkpointed, "training", env=rebase_env)
     assert not (out / "_SUCCESS").exists()
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=rebase_env)
     assert result.returncode == 0, result.stderr[-3000:]
