@@ -100,6 +100,12 @@ def gemma_hf_dir() -> Path:
     return target
 
 
+def deepspeed_on_cpu() -> None:
+    """DeepSpeed's documented switch: a process without a GPU says so before DeepSpeed is imported (by us, by
+    peft, or by transformers while it loads a model), rather than DeepSpeed probing and warning."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 @contextlib.contextmanager
 def _gguf_parsed_once():
     """transformers parses the GGUF's metadata (a 262,144-entry vocabulary, read element by element through
@@ -116,6 +122,10 @@ def _gguf_parsed_once():
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        deepspeed_on_cpu()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to a Hugging Face directory (once, about 30 s) ...", flush=True)

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from rebase import precision
 from rebase.config import TrainConfig
 from rebase.errors import RebaseError
-from rebase.models import canonical_model_name, resolve_model
+from rebase.models import canonical_model_name, deepspeed_on_cpu, resolve_model
 from rebase.progress import duration
 from rebase.stage import StageDir
 from rebase.task import TaskSpec, load_task, student_prompt
@@ -478,7 +478,7 @@ class _Worker:
 def _deepspeed_engine(settings: LoopSettings):
     """The student wrapped by DeepSpeed with its AdamW optimizer and linear warm-up schedule."""
     if not settings.use_gpu:
-        _deepspeed_on_cpu()
+        deepspeed_on_cpu()
     import deepspeed
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -614,12 +614,6 @@ def _report(engine, state: LoopState, settings: LoopSettings, rank: int, final: 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _deepspeed_on_cpu() -> None:
-    """DeepSpeed's documented switch: a process without a GPU says so before DeepSpeed is imported (by us or
-    by peft), rather than DeepSpeed probing and warning."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 @contextmanager
 def _peft_model():
     """Around building a `PeftModel`: peft (0.21.2, the newest) reads transformers' deprecated
@@ -689,7 +683,7 @@ def export_student(weights: Path, model_path: Path, out: Path, tokenizer, lora: 
 
     if lora:
         if not torch.cuda.is_available():
-            _deepspeed_on_cpu()
+            deepspeed_on_cpu()
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
