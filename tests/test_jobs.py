@@ -118,8 +118,7 @@ def _job_ended(address: str, job_id: str, run_dir: Path):
     asked = [time.monotonic()]
 
     def ended() -> bool:
-        run_json = run_dir / "run.json"
-        states = json.loads(run_json.read_text())["stages"] if run_json.exists() else {}
+        states = _stages(run_dir)
         settled = states.get("evaluate", {}).get("state") == "done"
         settled = settled or any(entry.get("state") == "failed" for entry in states.values())
         if not settled and time.monotonic() - asked[0] < 10:
@@ -130,11 +129,14 @@ def _job_ended(address: str, job_id: str, run_dir: Path):
     return ended
 
 
-def _stage_state(run_dir: Path, stage: str) -> str | None:
+def _stages(run_dir: Path) -> dict:
+    """run.json's record of each stage ({} before the run has written it)."""
     run_json = run_dir / "run.json"
-    if not run_json.exists():
-        return None
-    return json.loads(run_json.read_text())["stages"].get(stage, {}).get("state")
+    return json.loads(run_json.read_text())["stages"] if run_json.exists() else {}
+
+
+def _stage_state(run_dir: Path, stage: str) -> str | None:
+    return _stages(run_dir).get(stage, {}).get("state")
 
 
 @pytest.mark.slow
