@@ -1,6 +1,7 @@
 """`rebase train` vs a plain single-process PyTorch/transformers loop, same model, same data, same run.
 
     python benchmarks/train.py [--examples 48] [--epochs 2] [--batch-size 8] [--skip-two-workers] [--skip-auto]
+                               [--skip-baseline] [--accuracy N]
 
 Data: generated navigate-style examples with chain-of-thought answers (about 130 tokens each in the
 student's prompt format), the same list for every run. Model: the built-in Gemma 3 270M with LoRA r=16 on
@@ -12,7 +13,11 @@ every linear layer, AdamW, fp32 on CPU. Measured:
   beside float32 in the same run, with both loss curves;
 - baseline: the same model and LoRA built in this process, batches in the same order, HF's own loss
   (`model(**batch, labels=...)`), `loss.backward()`, `optimizer.step()`: tokens per second of step time;
-- two workers: the stage with 2 workers (1 CPU thread each) and ZeRO-2.
+- two workers: the stage with 2 workers (1 CPU thread each) and ZeRO-2;
+- with `--accuracy N`: the students trained at float32 and at `dtype: auto`, each scored by `rebase
+  evaluate` (at the default precision, so that only the training precision differs) on the same first N
+  held-out BIG-bench navigate examples: accuracy with its 95% Wilson interval, and the share of identical
+  predictions.
 Prints each figure and the ratios stage/baseline, auto/float32 and two-workers/baseline.
 """
 
@@ -28,6 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import rebase
 from rebase import precision
 from rebase.config import TrainConfig
 from rebase.models import resolve_model
@@ -121,6 +127,29 @@ def stage(config: TrainConfig, out: Path, workers: int, zero: int, threads: int 
     }
 
 
+def accuracy(students: dict[str, Path], scratch: Path, examples: int) -> dict:
+    """Each student's accuracy on the same held-out examples, and how often the two predict the same text."""
+    import pyarrow.parquet as pq
+    from precision import wilson  # benchmarks/ is on sys.path when run as a script
+
+    runs, predictions = {}, {}
+    for name, student in students.items():
+        out = scratch / f"evaluate-{name}"
+        rebase.evaluate(student, TASK, out, limit=examples, max_new_tokens=160, prompts_per_call=examples)
+        rows = pq.read_table(out / "predictions.parquet").to_pylist()
+        predictions[name] = [row["prediction"] for row in rows]
+        correct = sum(bool(row["correct"]) for row in rows)
+        runs[name] = {
+            "examples": len(rows),
+            "accuracy": round(correct / len(rows), 3),
+            "accuracy_95": wilson(correct, len(rows)),
+        }
+        print(f"student trained at {name}:", json.dumps(runs[name]), flush=True)
+    first, second = predictions.values()
+    runs["identical_predictions_share"] = round(sum(a == b for a, b in zip(first, second)) / len(first), 3)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=48)
@@ -128,6 +157,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-two-workers", action="store_true")
     parser.add_argument("--skip-auto", action="store_true", help="no run at the default precision (dtype auto)")
+    parser.add_argument("--skip-baseline", action="store_true", help="no plain loop (no stage/baseline ratio)")
+    parser.add_argument(
+        "--accuracy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score the float32 and auto students on N navigate examples",
+    )
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     pairs = examples(args.examples)
@@ -143,9 +180,10 @@ def main() -> None:
         results: dict = {"examples": len(rows), "mean_tokens": mean_tokens}
         # The baseline runs in a child process so that its model's memory is returned before the stage's
         # workers load theirs (glibc keeps a freed model's pages in this process otherwise).
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            results["baseline"] = child.submit(baseline, rows, config, threads).result()
-        print("baseline", results["baseline"], flush=True)
+        if not args.skip_baseline:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+                results["baseline"] = child.submit(baseline, rows, config, threads).result()
+            print("baseline", results["baseline"], flush=True)
         results["stage_1_worker_zero0"] = stage(config, Path(scratch) / "one", 1, 0, None, "float32")
         print("stage, 1 worker, ZeRO-0, float32", results["stage_1_worker_zero0"], flush=True)
         if not args.skip_auto:
@@ -155,20 +193,25 @@ def main() -> None:
         if not args.skip_two_workers:
             results["stage_2_workers_zero2"] = stage(config, Path(scratch) / "two", 2, 2, 1, "float32")
             print("stage, 2 workers, ZeRO-2", results["stage_2_workers_zero2"], flush=True)
-    base = results["baseline"]["tokens_per_second"]
-    results["ratio_stage_vs_baseline"] = round(results["stage_1_worker_zero0"]["tokens_per_second"] / base, 2)
+        if args.accuracy and not args.skip_auto:
+            students = {"float32": Path(scratch) / "one", "auto": Path(scratch) / "auto"}
+            results["student_accuracy"] = accuracy(students, Path(scratch), args.accuracy)
+    base = results.get("baseline", {}).get("tokens_per_second")
+    if base:
+        results["ratio_stage_vs_baseline"] = round(results["stage_1_worker_zero0"]["tokens_per_second"] / base, 2)
     auto = results.get("stage_auto")
     if auto:
         fp32 = results["stage_1_worker_zero0"]["tokens_per_second"]
         results["ratio_auto_vs_float32"] = round(auto["tokens_per_second"] / fp32, 2)
     two = results.get("stage_2_workers_zero2")
-    if two:
+    if two and base:
         results["ratio_two_workers_vs_baseline"] = round(two["tokens_per_second"] / base, 2)
     print(json.dumps(results, indent=2))
-    print(
-        f"rebase train (1 worker, ZeRO-0) vs plain loop: {results['ratio_stage_vs_baseline']}x training tokens/s "
-        "(target at least 0.8x)"
-    )
+    if base:
+        print(
+            f"rebase train (1 worker, ZeRO-0) vs plain loop: {results['ratio_stage_vs_baseline']}x training "
+            "tokens/s (target at least 0.8x)"
+        )
     if auto:
         print(f"rebase train, dtype auto ({auto['precision']}) vs float32: {results['ratio_auto_vs_float32']}x")
 
