@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -29,21 +28,12 @@ import pyarrow.parquet as pq
 import rebase
 from rebase import precision
 from rebase.generate.pool import _read_answers
+from rebase.intervals import wilson
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = REPO / "jobs" / "tasks" / "navigate.yaml"
 # Tasks near navigate in form (states, steps, objects) and far from it, a few hundred rows each.
 STORE_TASKS = "logical_deduction,tracking_shuffled_objects,date_understanding,temporal_sequences,object_counting"
-
-
-def wilson(correct: int, total: int) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion."""
-    if not total:
-        return (0.0, 1.0)
-    z, p = 1.96, correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (round(centre - half, 3), round(centre + half, 3))
 
 
 def teacher(retrieved: Path, scratch: Path, rows: int, max_new_tokens: int) -> dict:

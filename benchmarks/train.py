@@ -130,7 +130,8 @@ def stage(config: TrainConfig, out: Path, workers: int, zero: int, threads: int 
 def accuracy(students: dict[str, Path], scratch: Path, examples: int) -> dict:
     """Each student's accuracy on the same held-out examples, and how often the two predict the same text."""
     import pyarrow.parquet as pq
-    from precision import wilson  # benchmarks/ is on sys.path when run as a script
+
+    from rebase.intervals import wilson
 
     runs, predictions = {}, {}
     for name, student in students.items():

@@ -118,10 +118,24 @@ def _summary(run_dir: Path, run: dict) -> Section:
 
 
 def _headline(evaluation: dict | None) -> Headline:
-    """'Student 45.0% vs base 3.3% accuracy on 120 examples (data)', or why there is none yet."""
+    """'Student 45.0% vs best baseline (base few-shot) 41.7% accuracy on 120 examples (data): margin ...',
+    or why there is none yet."""
     if not evaluation:
         return Headline("Base vs student accuracy: not run yet.")
     metric = "accuracy" if any("accuracy" in m for m in evaluation["models"].values()) else "exact_match"
+    examples = f"{evaluation.get('examples', '?')} examples of {evaluation.get('data', '?')}"
+    margin = evaluation.get("margin")
+    if margin and margin["metric"] in evaluation["models"].get(margin["over"], {}):
+        roles = evaluation.get("roles", {})
+        evaluated = next((name for name, role in roles.items() if role in ("student", "model")), None)
+        if evaluated is not None:
+            scores = evaluation["models"]
+            student, best = scores[evaluated][margin["metric"]], scores[margin["over"]][margin["metric"]]
+            return Headline(
+                f"{roles[evaluated].capitalize()} {student:.1%} vs best baseline ({margin['role']}) {best:.1%} "
+                f"{margin['metric']} on {examples}: margin {margin['value']:+.1%} "
+                f"(95% {margin['low']:+.1%} to {margin['high']:+.1%})."
+            )
     parts = []
     for role in ("student", "base"):
         for model, role_of_model in evaluation.get("roles", {}).items():
@@ -130,7 +144,6 @@ def _headline(evaluation: dict | None) -> Headline:
     if not parts:
         parts = [f"{model} {scores.get(metric, 0):.1%}" for model, scores in evaluation["models"].items()]
     scores = " vs ".join(parts)
-    examples = f"{evaluation.get('examples', '?')} examples of {evaluation.get('data', '?')}"
     return Headline(f"{scores[0].upper()}{scores[1:]} {metric} on {examples}.")
 
 
@@ -238,17 +251,34 @@ def _evaluate(run_dir: Path, run: dict) -> Section:
     if stats is None:
         return _not_run("Evaluation", "evaluate", run)
     models = stats.get("models", {})
+    intervals = stats.get("intervals", {})
     labels = {model: _model_label(model, stats.get("roles", {})) for model in models}
     metrics = [m for m in ("accuracy", "exact_match", "f1") if any(m in scores for scores in models.values())]
-    rows = [[labels[model], model] + [_number(scores.get(m, "")) for m in metrics] for model, scores in models.items()]
-    return Section(
-        "Evaluation",
-        [
-            f"{stats.get('examples', '?')} held-out examples of {stats.get('data', '?')}.",
-            _metrics_plot({labels[model]: scores for model, scores in models.items()}, metrics),
-            Table(["role", "model"] + metrics, rows),
-        ],
-    )
+    rows = [
+        [labels[model], model] + [_with_interval(scores.get(m), intervals.get(model, {}).get(m)) for m in metrics]
+        for model, scores in models.items()
+    ]
+    blocks = [
+        f"{stats.get('examples', '?')} held-out examples of {stats.get('data', '?')}; 95% intervals in brackets "
+        "(Wilson for a share of examples, bootstrap for F1).",
+        _metrics_plot({labels[model]: scores for model, scores in models.items()}, metrics),
+        Table(["role", "model"] + metrics, rows),
+    ]
+    margin = stats.get("margin")
+    if margin:
+        blocks.append(
+            f"Margin over the best baseline ({margin['role']}: {margin['over']}): {margin['value']:+.3f} "
+            f"{margin['metric']}, 95% {margin['low']:+.3f} to {margin['high']:+.3f} (paired bootstrap over "
+            "the same examples)."
+        )
+    return Section("Evaluation", blocks)
+
+
+def _with_interval(value, interval) -> str:
+    """'0.45 [0.36, 0.54]', or the value alone where no interval was recorded."""
+    if value is None:
+        return ""
+    return _number(value) + (f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval else "")
 
 
 def _timings(run_dir: Path, run: dict) -> Section:

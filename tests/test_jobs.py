@@ -167,6 +167,12 @@ def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp
     assert re.search(r"\[train\] (resuming|starting)", logs) and "[train] done after" in logs
     assert "[evaluate] starting" in logs and "[evaluate] done after" in logs
     assert "run smoke: 2 stage(s) run, 3 already done" in logs
+    # the run's last line states the student's margin over the best baseline, with its interval
+    assert re.search(
+        r"run smoke: .*; accuracy student [0-9.]+, base [0-9.]+, base few-shot [0-9.]+, majority "
+        r"[0-9.]+; margin [+-][0-9.]+ accuracy over [a-z -]+ \(95% [+-][0-9.]+ to [+-][0-9.]+\)",
+        logs,
+    )
 
     # Every stage finished in the run directory under --root, with its stats; rebase status agrees.
     for stage in ("datastore", "retrieve", "transform", "train", "evaluate"):
@@ -179,7 +185,8 @@ def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp
         (stage, "done") for stage in ("datastore", "retrieve", "transform", "train", "evaluate")
     ]
     evaluated = json.loads((run_dir / "evaluate" / "stats.json").read_text())
-    assert sorted(evaluated["roles"].values()) == ["base", "student"] and evaluated["examples"] == 4
+    assert sorted(evaluated["roles"].values()) == ["base", "base few-shot", "majority", "student"]
+    assert evaluated["examples"] == 4
 
     # The report of the finished run shows all six plots once a browser has laid them out.
     dom = render(run_dir / "report.html", tmp_path / "browser")

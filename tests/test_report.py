@@ -131,8 +131,24 @@ def _write_evaluate(out: Path) -> None:
         "models": {
             "out/runs/navigate-small/train": {"exact_match": 0.45, "accuracy": 0.45},
             "builtin:gemma3-270m": {"exact_match": 0.0083, "accuracy": 0.0333},
+            "builtin:gemma3-270m (few-shot)": {"exact_match": 0.3, "accuracy": 0.4167},
+            "majority label (Yes)": {"exact_match": 0.5083, "accuracy": 0.5083},
         },
-        "roles": {"out/runs/navigate-small/train": "student", "builtin:gemma3-270m": "base"},
+        "roles": {
+            "out/runs/navigate-small/train": "student",
+            "builtin:gemma3-270m": "base",
+            "builtin:gemma3-270m (few-shot)": "base few-shot",
+            "majority label (Yes)": "majority",
+        },
+        "intervals": {"out/runs/navigate-small/train": {"accuracy": [0.3641, 0.5389], "exact_match": [0.3641, 0.5389]}},
+        "margin": {
+            "metric": "accuracy",
+            "over": "majority label (Yes)",
+            "role": "majority",
+            "value": -0.0583,
+            "low": -0.1833,
+            "high": 0.0667,
+        },
         "seconds": 223.8,
     }
     (out / "stats.json").write_text(json.dumps(stats))
@@ -178,7 +194,12 @@ def test_markdown_shows_every_plot_and_the_headline(tmp_path):
     assert sorted(images) == sorted(f"report/{name}.svg" for name in ALL_PLOTS)
     assert all((run_dir / image).is_file() for image in images)
     assert markdown.startswith("# Run navigate-small\n")
-    assert "Student 45.0% vs base 3.3% accuracy on 120 examples of bigbench:navigate." in markdown
+    assert (
+        "Student 45.0% vs best baseline (majority) 50.8% accuracy on 120 examples of bigbench:navigate: "
+        "margin -5.8% (95% -18.3% to +6.7%)." in markdown
+    )
+    assert "| student | out/runs/navigate-small/train | 0.45 [0.364, 0.539] | 0.45 [0.364, 0.539] |" in markdown
+    assert "Margin over the best baseline (majority: majority label (Yes)): -0.058 accuracy" in markdown
     assert "| train | done | 8m 35s | 2025-01-02 10:00:00 | 2025-01-02 10:05:00 |" in markdown
     assert "not run yet" not in markdown
 

@@ -12,6 +12,7 @@ import pytest
 from rebase.datastore.sources import (
     Dataset,
     RowFile,
+    bigbench_references,
     bigbench_row,
     check_csv_header,
     file_dataset_ids,
@@ -373,6 +374,15 @@ def test_bigbench_row_keeps_the_target_and_lists_the_choices():
 def test_bigbench_row_with_an_empty_target_list_falls_back_to_scores():
     example = {"input": "q", "target": [], "target_scores": {"x": 0, "y": 1}}
     assert bigbench_row(example) == {"input": "q", "output": "y", "choices": ["x", "y"]}
+
+
+def test_bigbench_references_are_every_acceptable_answer():
+    assert bigbench_references({"input": "q", "target": ["three", "3"]}) == ["three", "3"]
+    assert bigbench_references({"input": "q", "target": " 4 "}) == ["4"]
+    assert bigbench_references({"input": "q", "target_scores": {"a": 0, "b": 1, "c": 1}}) == ["b", "c"]
+    assert bigbench_references({"input": "q", "target": [], "target_scores": {"x": 0, "y": 1}}) == ["y"]
+    assert bigbench_references({"input": "q", "target": "c", "target_scores": {"a": 1, "c": 0}}) == ["c"]
+    assert bigbench_references({"input": "q"}) == []
 
 
 # ---------------------------------------------------------------- files: datasets and descriptions

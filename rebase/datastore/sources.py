@@ -173,6 +173,8 @@ class Dataset:
     license: str
     files: list[RowFile] = field(default_factory=list)
     rows: list[tuple[str, dict]] | None = None  # in-memory rows (split, row), e.g. from a BIG-bench task
+    # every answer each in-memory row accepts, where the source says (BIG-bench's target lists); for evaluation
+    references: list[list[str]] | None = None
 
     def count(self) -> list[int]:
         if self.rows is not None:
@@ -329,8 +331,8 @@ def _bigbench_datasets(archive: Path, selection: list[str] | None) -> Iterator[D
                 descriptions[name] = description
             if wanted is not None and name not in wanted:
                 continue
-            rows = [("train", bigbench_row(example)) for example in task.get("examples") or []]
-            if not rows:
+            examples = task.get("examples") or []
+            if not examples:
                 continue  # a parent task whose examples live in its subtasks
             parent = name.split("/")[0]
             yield Dataset(
@@ -338,7 +340,8 @@ def _bigbench_datasets(archive: Path, selection: list[str] | None) -> Iterator[D
                 config="default",
                 description=description or descriptions.get(parent, "") or name,
                 license="Apache-2.0",
-                rows=rows,
+                rows=[("train", bigbench_row(example)) for example in examples],
+                references=[bigbench_references(example) for example in examples],
             )
 
 
@@ -356,6 +359,19 @@ def bigbench_row(example: dict) -> dict:
     if scores:
         row["choices"] = list(scores)
     return row
+
+
+def bigbench_references(example: dict) -> list[str]:
+    """Every answer a BIG-bench example accepts: each of its targets (object_counting's ["three", "3"]),
+    else every choice with the top score."""
+    target = example.get("target")
+    targets = target if isinstance(target, list) else [] if target is None else [target]
+    found = [str(t).strip() for t in targets if t is not None and str(t).strip()]
+    scores = example.get("target_scores") or {}
+    if not found and scores:
+        best = max(scores.values())
+        found = [str(choice).strip() for choice, score in scores.items() if score == best]
+    return found
 
 
 # ---------------------------------------------------------------- local files
