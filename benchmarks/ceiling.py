@@ -125,9 +125,10 @@ def run_lever(name: str, data: Path, scratch: Path, eval_examples: int, base_ans
     started = time.monotonic()
     summary = rebase.train(data, TASK, student, **settings)
     trained = time.monotonic() - started
-    if base_answers is not None:  # the base's answers to the same prompts: reuse, not regenerate
+    if base_answers is not None:  # the base's answers to the same prompts, from the first lever: reuse
         for identity in base_answers.iterdir():
-            shutil.copytree(identity, evaluation / "answers" / identity.name, dirs_exist_ok=True)
+            if not identity.name.startswith("student-"):
+                shutil.copytree(identity, evaluation / "answers" / identity.name)
     scored = rebase.evaluate(student, TASK, evaluation, compare="base", limit=eval_examples, max_new_tokens=160)
     stats = json.loads((evaluation / "stats.json").read_text())
     result = {
@@ -164,11 +165,7 @@ def main() -> None:
         results, base_answers = [], None
         for lever in levers:
             results.append(run_lever(lever, data, Path(scratch), args.eval_examples, base_answers))
-            answers = Path(scratch) / f"evaluate-{lever}" / "answers"
-            base_answers = base_answers or Path(scratch) / "base-answers"
-            for identity in answers.iterdir():
-                if not identity.name.startswith("student-"):
-                    shutil.copytree(identity, base_answers / identity.name, dirs_exist_ok=True)
+            base_answers = base_answers or Path(scratch) / f"evaluate-{lever}" / "answers"
     print(json.dumps(results, indent=2))
 
 

@@ -237,18 +237,16 @@ def _runs(config: EvaluateConfig, trained: dict, few_shot: bool) -> list[_Run]:
     runs = [_Run(config.model, config.model, few_shot, "student" if trained else "model")]
     if not config.compare:
         return runs
-    if config.compare != "base":
-        if config.compare == config.model:
-            raise RebaseError(f"--compare names the model under evaluation ({config.compare}); name another")
-        return runs + [_Run(config.compare, config.compare, few_shot, "base" if trained else "compare")]
-    if not trained:
+    if config.compare == "base" and not trained:
         raise RebaseError(f"--compare base needs a student made by rebase train; {config.model} is not one")
-    base = trained["summary"]["student"]
-    if base == config.model:
-        raise RebaseError(f"--compare names the model under evaluation ({base}); name another")
+    other = trained["summary"]["student"] if config.compare == "base" else config.compare
+    if other == config.model:
+        raise RebaseError(f"--compare names the model under evaluation ({other}); name another")
+    if config.compare != "base":
+        return runs + [_Run(other, other, few_shot, "base" if trained else "compare")]
     if few_shot:
-        return runs + [_Run(base, base, True, "base few-shot")]
-    return runs + [_Run(base, base, False, "base"), _Run(f"{base} (few-shot)", base, True, "base few-shot")]
+        return runs + [_Run(other, other, True, "base few-shot")]
+    return runs + [_Run(other, other, False, "base"), _Run(f"{other} (few-shot)", other, True, "base few-shot")]
 
 
 def evaluate(config: EvaluateConfig) -> EvaluateSummary:
