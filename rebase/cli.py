@@ -120,6 +120,18 @@ def _transform_parser(commands) -> None:
         default=None,
         help="no constrained decoding",
     )
+    _option(transform, TransformConfig, "embedder")
+    for name in ("fit_margin", "fit_threshold", "near_duplicate_similarity", "max_label_share"):
+        _option(transform, TransformConfig, name, type=float)
+    _option(
+        transform,
+        TransformConfig,
+        "consistency",
+        "--no-consistency",
+        action="store_false",
+        default=None,
+        help="skip the consistency gate (the teacher answering its own inputs again)",
+    )
 
 
 def _train_parser(commands) -> None:

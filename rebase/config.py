@@ -157,6 +157,21 @@ class TransformConfig(GenerationConfig):
     max_new_tokens: int = Field(512, ge=8, description="most tokens generated per answer")
     constrained: bool = Field(True, description="constrain answers to the JSON schema (xgrammar, vLLM, json_schema)")
     judge: bool = Field(False, description="second pass: the teacher says yes/no to each ok example (paper's filter)")
+    embedder: str = Field("builtin:minilm", description="embeds generated inputs (task-fit and near-duplicate gates)")
+    fit_margin: float = Field(
+        0.1,
+        ge=0.0,
+        le=2.0,
+        description="task fit: an input must be within this of the least similarity between the task's example inputs",
+    )
+    fit_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="task fit: this least similarity, not one derived from the examples"
+    )
+    near_duplicate_similarity: float = Field(
+        0.97, gt=0.0, le=1.0, description="an input this similar to a better-ranked ok input is a duplicate"
+    )
+    consistency: bool = Field(True, description="the teacher answers each ok input again, few-shot; kept if it agrees")
+    max_label_share: float = Field(0.6, gt=0.0, le=1.0, description="most share of the ok records one label may take")
 
 
 class TrainConfig(StageConfig):
@@ -278,6 +293,11 @@ class RetrieveConfig(StageConfig):
         4, ge=1, description="rows kept before duplicates and the per-dataset cap are taken out: this many x top_k"
     )
     embedder: str | None = Field(None, description="must match the datastore's embedder")
+    match_kind: bool = Field(
+        True,
+        description="keep only rows whose text is of a kind (words, numbers, code) one of the task's example "
+        "inputs is: digit-heavy rows stop winning word tasks on surface likeness",
+    )
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> RetrieveConfig:

@@ -10,6 +10,9 @@ from pathlib import Path
 import yaml
 from conftest import write_jsonl
 
+# The machinery under test here is the pipeline's; the data gates have their own tests (tests/test_gates.py),
+# and on four rows from the 270M teacher they could leave the student nothing to train on.
+GATES_OFF = {"consistency": False, "max_label_share": 1.0, "fit_threshold": -1.0, "near_duplicate_similarity": 1.0}
 TASK = {
     "name": "parity",
     "instruction": "Given a number, say whether it is even. Answer Yes or No.",
@@ -51,7 +54,8 @@ def write_smoke_pipeline(root: Path, name: str = "smoke", student: str | None = 
         "task": str(task),
         "datastore": {"sources": [f"files:{data}"], "embed_concurrency": [1, 1], "embed_threads": 1},
         "retrieve": {"top_k": 12, "exact": True},
-        "transform": {"limit": 4, "max_new_tokens": 48, "batch_size": 4, "prompts_per_call": 2, "concurrency": [1, 1]},
+        "transform": {"limit": 4, "max_new_tokens": 48, "batch_size": 4, "prompts_per_call": 2, "concurrency": [1, 1]}
+        | GATES_OFF,
         "train": {"epochs": 1, "batch_size": 2, "max_length": 96, "learning_rate": 1e-3}
         | ({"student": student} if student else {}),
         "evaluate": {

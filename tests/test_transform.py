@@ -99,7 +99,10 @@ def task_file(tmp_path) -> Path:
 
 
 def config(retrieved: Path, task_file: Path, out: Path, **fields) -> TransformConfig:
+    """Gates that ask the teacher again or drop whole labels are off unless a test is about them
+    (tests/test_gates.py): a random-weight teacher's second answers would only slow the machinery tests."""
     values = {"retrieved": retrieved, "task": task_file, "out": out, "max_new_tokens": 96, "batch_size": 4}
+    values |= {"consistency": False, "max_label_share": 1.0}
     return build_config(TransformConfig, {**values, **fields})
 
 
@@ -265,6 +268,7 @@ def test_killed_transform_resends_only_the_unanswered_prompts(retrieved, task_fi
         "1",
         "--max-new-tokens",
         "64",
+        "--no-consistency",
     ]
     answers = out / "answers"
     # The killed run (6 of the 8 rows) has a Ray of its own, killed with it; the re-run, grown to all 8

@@ -3,6 +3,7 @@
 Reads a retrieved directory, writes a transformed directory (DESIGN.md):
     answers/part-*.parquet   the teacher's raw answers, keyed by prompt hash, one file per engine batch
     judged/part-*.parquet    the judge's raw answers (with `judge: true`)
+    consistency/part-*.parquet  the teacher's second answers to its own inputs (with `consistency: true`)
     records.parquet          one record per retrieved row: the example, its status and why, its lineage
     stats.json, _SUCCESS
 Answers are written as each batch returns, so a crash or Ctrl-C loses at most the batches in flight, and a
@@ -29,7 +30,8 @@ from rebase.generate.engines import GenerationParams
 from rebase.generate.pool import GenerationPool
 from rebase.io import write_parquet_atomic
 from rebase.stage import StageDir, read_stats
-from rebase.task import TaskSpec, load_task
+from rebase.task import STUDENT_STOP, TaskSpec, load_task, student_prompt
+from rebase.teacher import gates
 from rebase.teacher.parse import check_records, judge_verdict
 from rebase.teacher.prompts import judge_prompt, output_schema, prompt_hash, transform_prompt
 
@@ -49,7 +51,7 @@ RECORD_SCHEMA = pa.schema(
         ("row", pa.string()),
     ]
 )
-_OWN_FILES = frozenset({"answers", "judged", "records.parquet", "stats.json", "_SUCCESS"})
+_OWN_FILES = frozenset({"answers", "judged", "consistency", "records.parquet", "stats.json", "_SUCCESS"})
 
 
 @dataclass
@@ -100,6 +102,7 @@ def transform(config: TransformConfig) -> TransformSummary:
     teacher = GenerationPool(config, config.teacher)
     answers, run = teacher.answer(dict(zip(hashes, prompts)), out / "answers", params, "transform")
     records = check_records(task, [{"row_uid": row["row_uid"], **answers[h]} for row, h in zip(rows, hashes)])
+    threshold = _embedding_gates(config, task, records)
     if config.judge:
         judged = [n for n, record in enumerate(records) if record["status"] == "ok"]
         judge_prompts = [judge_prompt(task, records[n]) for n in judged]
@@ -110,6 +113,10 @@ def transform(config: TransformConfig) -> TransformSummary:
         run = run + judge_run
         for n, h in zip(judged, judge_hashes):
             _apply_verdict(records[n], verdicts[h])
+    if config.consistency:
+        run = run + _consistency_gate(config, task, records, teacher, settings)
+    if task.labels:
+        gates.balance_labels(records, config.max_label_share)
     for record, row, h in zip(records, rows, hashes):
         record.update(
             rank=row["rank"], dataset_id=row["dataset_id"], teacher=config.teacher, prompt_hash=h, row=row["row"]
@@ -123,7 +130,14 @@ def transform(config: TransformConfig) -> TransformSummary:
         "retrieved": str(config.retrieved),
         "teacher": config.teacher,
         "engine": config.engine,
-        "settings": {**settings, "max_value_chars": config.max_value_chars, "judge": config.judge},
+        "settings": {
+            **settings,
+            "max_value_chars": config.max_value_chars,
+            "judge": config.judge,
+            **_gate_settings(config),
+        },
+        "gates": gates.gate_counts(records),
+        "fit_threshold": None if threshold is None else round(threshold, 4),
         "limit": config.limit,
         "fingerprint": fingerprint,
         "rows": len(records),
@@ -178,8 +192,62 @@ def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str
         "settings": settings,
         "max_value_chars": config.max_value_chars,
         "judge": config.judge,
+        "gates": _gate_settings(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _gate_settings(config: TransformConfig) -> dict:
+    return {
+        "embedder": config.embedder,
+        "fit_margin": config.fit_margin,
+        "fit_threshold": config.fit_threshold,
+        "near_duplicate_similarity": config.near_duplicate_similarity,
+        "consistency": config.consistency,
+        "max_label_share": config.max_label_share,
+    }
+
+
+def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict]) -> float | None:
+    """The gates that need no teacher: reasoning that contradicts its answer, inputs off the task, near
+    duplicates. Returns the task-fit threshold used (None when one example leaves nothing to derive it from)."""
+    markers = gates.conclusion_markers(task)
+    for record in records:
+        reason = gates.contradiction(task, markers, record) if record["status"] == "ok" else None
+        if reason:
+            record.update(status="rejected", reason=reason)
+    ok = [record for record in records if record["status"] == "ok"]
+    if not ok:
+        return config.fit_threshold
+    from rebase.datastore.embed import Embedder
+    from rebase.models import resolve_model
+
+    embedder = Embedder(str(resolve_model(config.embedder)), threads=config.threads)
+    vectors = embedder.encode([record["input"] for record in ok])
+    example_vectors = embedder.encode([example.input for example in task.examples])
+    threshold = config.fit_threshold
+    if threshold is None:
+        threshold = gates.fit_threshold(example_vectors, config.fit_margin)
+    if threshold is not None:
+        gates.task_fit(ok, vectors, example_vectors, threshold)
+    gates.near_duplicates(ok, vectors, config.near_duplicate_similarity)
+    return threshold
+
+
+def _consistency_gate(config: TransformConfig, task: TaskSpec, records: list[dict], teacher, settings: dict):
+    """The teacher answers each ok input again with the task's examples in the prompt (greedy); a record
+    whose second answer differs is rejected. Answers are cached like the first ones."""
+    asked = [record for record in records if record["status"] == "ok"]
+    prompts = [student_prompt(task, record["input"], few_shot=True) for record in asked]
+    hashes = [prompt_hash(p, config.teacher, {"consistency": True, **settings}) for p in prompts]
+    params = GenerationParams(config.max_new_tokens, 0.0, None, stop=STUDENT_STOP)
+    again, run = teacher.answer(dict(zip(hashes, prompts)), config.out / "consistency", params, "consistency")
+    for record, h in zip(asked, hashes):
+        if again[h].get("error"):
+            record.update(status="failed", reason=f"consistency: {again[h]['error']}")
+        else:
+            gates.consistency(task, record, again[h]["text"])
+    return run
 
 
 def _apply_verdict(record: dict, answer: dict) -> None:
@@ -195,6 +263,9 @@ def _apply_verdict(record: dict, answer: dict) -> None:
 
 def _reason_kind(reason: str) -> str:
     """A reason without its specifics, for counting ("answer 'Maybe' is not ..." -> "answer is not ...")."""
+    gate = next((gate for gate in gates.GATES if reason.startswith(gate)), None)
+    if gate:
+        return gate
     if reason.startswith("answer '"):
         return "answer is not one of the labels"
     if reason.startswith("same input as row"):
