@@ -58,6 +58,12 @@ def store(tmp_path_factory):
     ]
     (data / "sport.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sport))
     (data / "sport.jsonl.description.txt").write_text("Sports sentences labelled for plausibility.")
+    grid = [  # close to the task in words, but lists of coordinates: the kind navigate retrieved by the hundred
+        {"question": f"Capital grid of Italy: ({i}, -{i + 3}), ({i + 5}, {i}), ({2 * i}, 7)", "answer": "Rome"}
+        for i in range(6)
+    ]
+    (data / "capital_grid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grid))
+    (data / "capital_grid.jsonl.description.txt").write_text("Grid coordinates of capital cities.")
     out = root / "store"
     build_datastore(DatastoreConfig(sources=[f"files:{data}"], out=out))
     (root / "task.yaml").write_text(yaml.safe_dump(TASK.model_dump(mode="json", exclude_defaults=True)))
@@ -100,6 +106,22 @@ def test_per_dataset_cap_and_bad_requests(store):
         run(root, out, "x", top_k=10_000)
     with pytest.raises(RebaseError, match="built with embedder"):
         run(root, out, "x", top_k=5, embedder="builtin:gemma3-270m")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_rows_of_another_kind_than_the_task_inputs_are_left_out(store, exact):
+    """The capital questions are words; the coordinate rows about capitals rank among the top 10 only when
+    `match_kind` is off."""
+    root, out = store
+    before = run(root, out, f"all-kinds-{exact}", top_k=10, exact=exact, match_kind=False)
+    after = run(root, out, f"words-{exact}", top_k=10, exact=exact)
+    ids = {name: [r["dataset_id"] for r in pq.read_table(root / name / "rows.parquet").to_pylist()]
+           for name in (f"all-kinds-{exact}", f"words-{exact}")}  # fmt: skip
+    assert "files/capital_grid" in ids[f"all-kinds-{exact}"]
+    assert "files/capital_grid" not in ids[f"words-{exact}"] and len(ids[f"words-{exact}"]) == 10
+    stats = json.loads((root / f"words-{exact}" / "stats.json").read_text())
+    assert stats["kinds"] == ["words"] and stats["off_kind"] >= 6 and stats["match_kind"] is True
+    assert before.rows == after.rows == 10
 
 
 def test_exact_and_approximate_modes_agree(store):

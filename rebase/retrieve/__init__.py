@@ -25,6 +25,7 @@ from rebase.errors import RebaseError
 from rebase.io import embeddings_to_numpy, write_parquet_atomic
 from rebase.models import canonical_model_name, resolve_model
 from rebase.retrieve.exact import exact_candidates
+from rebase.retrieve.kinds import row_text, task_kinds, text_kind
 from rebase.retrieve.score import Candidates, TaskQuery, apply_bans, best_rows, task_query
 from rebase.stage import StageDir
 from rebase.task import TaskSpec, is_banned
@@ -103,6 +104,13 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
     candidates = _candidates(config, query, apply_bans(similarities, task.ban), manifest.embedder.dimension)
     if not len(candidates):
         raise RebaseError(f"every row of {config.datastore} is banned by the task; nothing to retrieve")
+    texts = _row_texts(config.datastore, candidates.row_uid.tolist())
+    kinds, off_kind = sorted(task_kinds(task)), 0
+    if config.match_kind:
+        keep = np.array([text_kind(row_text(texts[uid])) in kinds for uid in candidates.row_uid.tolist()], bool)
+        candidates, off_kind = candidates.take(keep), int((~keep).sum())
+        if not len(candidates):
+            raise RebaseError(f"no row of {config.datastore} is of the kind of the task's inputs ({', '.join(kinds)})")
     selected = best_rows(candidates, config.top_k, config.per_dataset_cap)
     top_datasets = Counter(selected.dataset_id.tolist()).most_common()
     score_range = (float(selected.score.min()), float(selected.score.max()))
@@ -115,13 +123,16 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
         "depth": None if config.exact else config.depth,
         "dataset_rows": None if config.exact else config.dataset_rows,
         "ban": task.ban,
+        "match_kind": config.match_kind,
+        "kinds": kinds,
+        "off_kind": off_kind,
         "rows": len(selected),
         "datasets": dict(top_datasets),
         "score_range": score_range,
         "fingerprint": fingerprint,
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_retrieved(config.datastore, stage, selected, stats)
+    _write_retrieved(texts, stage, selected, stats)
     seconds = time.monotonic() - started
     return RetrieveSummary(
         config.out, config.top_k, len(selected), len(top_datasets), top_datasets, score_range, seconds, mode
@@ -153,6 +164,7 @@ def _fingerprint(config: RetrieveConfig, task: TaskSpec, manifest: Manifest) -> 
         None if exact else config.depth,
         config.pool_factor,
         None if exact else config.dataset_rows,
+        *(["match_kind"] if config.match_kind else []),  # absent when off: retrievals made before stay valid
     ]
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
@@ -181,19 +193,26 @@ def _candidates(
         return exact_candidates(config.datastore, query, description_by_id, limit, dimension)
     from rebase.retrieve.shards import ApproximateIndex
 
-    keep = config.top_k if config.per_dataset_cap is None else None  # the score bound assumes no cap
+    # the score bound assumes every candidate can be kept: no cap, and no rows left out for their kind
+    keep = config.top_k if config.per_dataset_cap is None and not config.match_kind else None
     with ApproximateIndex(config.datastore) as index:
         return index.candidates(query, description_by_id, limit, config.depth, config.dataset_rows, keep)
 
 
-def _write_retrieved(datastore: Path, stage: StageDir, selected: Candidates, stats: dict) -> None:
-    """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row), stats.json."""
-    uids = pa.array(selected.row_uid.tolist(), pa.string())
+def _row_texts(datastore: Path, row_uids: list[str]) -> dict[str, str]:
+    """The stored rows (JSON objects) of these row ids, read in one pass over the datastore's rows."""
+    uids = pa.array(row_uids, pa.string())
     rows: dict[str, str] = {}
     for path in sorted((datastore / "rows").rglob("*.parquet")):
         table = pq.read_table(path, columns=["row_uid", "row"])
         table = table.filter(pc.is_in(table.column("row_uid"), value_set=uids))
         rows.update(zip(table.column("row_uid").to_pylist(), table.column("row").to_pylist()))
+    return rows
+
+
+def _write_retrieved(rows: dict[str, str], stage: StageDir, selected: Candidates, stats: dict) -> None:
+    """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row), stats.json."""
+    uids = pa.array(selected.row_uid.tolist(), pa.string())
     table = pa.table(
         {
             "rank": pa.array(np.arange(1, len(uids) + 1), pa.int64()),
