@@ -168,6 +168,9 @@ def _retrieve(run_dir: Path, run: dict) -> Section:
     facts = f"{len(table['dataset_id'])} rows from {len(datasets)} datasets"
     if "mode" in stats:
         facts += f" ({stats['mode']} search, top_k {stats.get('top_k', '?')})"
+    if stats.get("match_kind"):
+        kinds = " or ".join(stats.get("kinds") or [])
+        facts += f"; {stats.get('off_kind', 0):,} candidates left out as not {kinds} like the task's inputs"
     if len(datasets) > TOP_DATASETS:
         rest = sum(count for _, count in datasets.most_common()[TOP_DATASETS:])
         facts += f"; the {TOP_DATASETS} largest are plotted, the other {len(datasets) - TOP_DATASETS} hold {rest} rows"
@@ -197,6 +200,11 @@ def _transform(run_dir: Path, run: dict) -> Section:
     if reasons:
         ranked = sorted(reasons.items(), key=lambda item: -item[1])
         section.blocks.append(Table(["reason", "rows"], [[reason, str(count)] for reason, count in ranked]))
+    if stats.get("gates"):
+        threshold = stats.get("fit_threshold")
+        fit = f"; task fit needs similarity {threshold:.2f} to the task's example inputs" if threshold else ""
+        section.blocks.append(f"Records each data gate removed (after the checks on each answer){fit}:")
+        section.blocks.append(Table(["gate", "rows"], [[gate, str(count)] for gate, count in stats["gates"].items()]))
     section.blocks.append(f"A few source rows beside what the teacher made of them (up to {EXAMPLES}, ok first):")
     section.blocks.append(_examples_table(records))
     return section

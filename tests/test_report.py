@@ -82,6 +82,9 @@ def _write_retrieve(out: Path) -> None:
         "rows": count,
         "mode": "exact",
         "ban": ["bigbench/navigate"],
+        "match_kind": True,
+        "kinds": ["words"],
+        "off_kind": 2659,
         "seconds": 3.25,
     }
     (out / "stats.json").write_text(json.dumps(stats))
@@ -113,6 +116,7 @@ def _write_transform(out: Path) -> None:
     statuses = {status: STATUSES.count(status) for status in dict.fromkeys(STATUSES)}
     stats = {"task": "navigate", "teacher": "builtin:gemma3-270m", "engine": "transformers", "rows": len(records)}
     stats |= {"statuses": statuses, "reasons": {reasons[s]: n for s, n in statuses.items() if s in reasons}}
+    stats |= {"gates": {"off task": 2, "near duplicate": 0, "inconsistent": 1}, "fit_threshold": 0.6989}
     (out / "stats.json").write_text(json.dumps(stats))
 
 
@@ -202,6 +206,9 @@ def test_markdown_shows_every_plot_and_the_headline(tmp_path):
     assert "Margin over the best baseline (majority: majority label (Yes)): -0.058 accuracy" in markdown
     assert "| train | done | 8m 35s | 2025-01-02 10:00:00 | 2025-01-02 10:05:00 |" in markdown
     assert "not run yet" not in markdown
+    assert "task fit needs similarity 0.70 to the task's example inputs" in markdown
+    assert "| off task | 2 |" in markdown and "| inconsistent | 1 |" in markdown
+    assert "; 2,659 candidates left out as not words like the task's inputs." in markdown
 
 
 def test_html_inlines_the_plots_and_escapes_row_text(tmp_path):
