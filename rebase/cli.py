@@ -87,6 +87,15 @@ def _retrieve_parser(commands) -> None:
         _option(retrieve, RetrieveConfig, name, type=int)
     _option(retrieve, RetrieveConfig, "exact", action="store_const", const=True)
     _option(retrieve, RetrieveConfig, "embedder")
+    _option(
+        retrieve,
+        RetrieveConfig,
+        "match_kind",
+        "--no-match-kind",
+        action="store_false",
+        default=None,
+        help="keep rows of every kind (words, numbers, code), not only those of the task's inputs",
+    )
 
 
 def _generation_options(parser: argparse.ArgumentParser, model: type[GenerationConfig]) -> None:
