@@ -27,7 +27,7 @@ from rebase import precision
 from rebase.config import TransformConfig
 from rebase.errors import RebaseError
 from rebase.generate.engines import GenerationParams
-from rebase.generate.pool import GenerationPool
+from rebase.generate.pool import GenerationPool, GenerationRun
 from rebase.io import write_parquet_atomic
 from rebase.stage import StageDir, read_stats
 from rebase.task import STUDENT_STOP, TaskSpec, load_task, student_prompt
@@ -209,8 +209,9 @@ def _gate_settings(config: TransformConfig) -> dict:
 
 
 def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict]) -> float | None:
-    """The gates that need no teacher: reasoning that contradicts its answer, inputs off the task, near
-    duplicates. Returns the task-fit threshold used (None when one example leaves nothing to derive it from)."""
+    """The gates that need no second teacher pass: reasoning that contradicts its answer, then (on the
+    inputs' embeddings) inputs off the task and near duplicates. Returns the task-fit threshold used
+    (None when a single example leaves nothing to derive it from)."""
     markers = gates.conclusion_markers(task)
     for record in records:
         reason = gates.contradiction(task, markers, record) if record["status"] == "ok" else None
@@ -234,7 +235,9 @@ def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict
     return threshold
 
 
-def _consistency_gate(config: TransformConfig, task: TaskSpec, records: list[dict], teacher, settings: dict):
+def _consistency_gate(
+    config: TransformConfig, task: TaskSpec, records: list[dict], teacher: GenerationPool, settings: dict
+) -> GenerationRun:
     """The teacher answers each ok input again with the task's examples in the prompt (greedy); a record
     whose second answer differs is rejected. Answers are cached like the first ones."""
     asked = [record for record in records if record["status"] == "ok"]
