@@ -59,7 +59,7 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
             raise SystemExit(f"{task}: rebase run failed: {error}")
         outcome["student"] = None
         outcome["note"] = error
-        evaluation = root / "base-few-shot"
+        evaluation = root / "base-few-shot"  # scored as "model": the base with the task's examples
         subprocess.run(
             [sys.executable, "-m", "rebase", "evaluate", "--model", "builtin:gemma3-270m", "--task",
              str(TASKS / f"{task}.yaml"), "--out", str(evaluation), "--few-shot", "--limit", str(args.eval_examples),
@@ -75,7 +75,7 @@ def run_task(task: str, args: argparse.Namespace) -> dict:
         "metric": metric,
         "scores": {f"{stats['roles'][m]}: {m}": s[metric] for m, s in stats["models"].items()},
         "intervals": {f"{stats['roles'][m]}: {m}": i[metric] for m, i in stats["intervals"].items()},
-        "margin": stats["margin"],
+        "margin": stats["margin"] if outcome.get("student", True) is not None else None,  # no student, no margin
         "seconds": round(time.monotonic() - started, 1),
     }
     print(json.dumps(outcome), flush=True)
