@@ -59,7 +59,10 @@ def read_training_set(path: Path) -> list[dict]:
             for row in rows:
                 statuses[row["status"]] = statuses.get(row["status"], 0) + 1
             found = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "no records"
-            raise RebaseError(f"{path} has no ok records to train on ({found})")
+            raise RebaseError(
+                f"{path} has no ok records to train on ({found}; reasons in its records.parquet and report); "
+                "a stronger teacher, or more rows (transform.limit), gives the gates more to keep"
+            )
         return pairs
     if not path.is_file():
         raise RebaseError(f"training data not found: {path}")

@@ -45,7 +45,11 @@ def test_reads_ok_records_of_a_transformed_directory(tmp_path):
 def test_an_all_rejected_training_set_is_one_clear_error(tmp_path):
     records = [{"input": "b", "output": "B", "status": "rejected"}, {"input": "d", "output": None, "status": "failed"}]
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "records.parquet")
-    with pytest.raises(RebaseError, match=r"has no ok records to train on \(1 failed, 1 rejected\)"):
+    with pytest.raises(
+        RebaseError,
+        match=r"has no ok records to train on \(1 failed, 1 rejected; reasons in its records.parquet and "
+        r"report\); a stronger teacher",
+    ):
         read_training_set(tmp_path)
     with pytest.raises(RebaseError, match="not a transformed directory"):
         read_training_set(tmp_path / "..")
