@@ -170,6 +170,10 @@ def test_retrieve_command_and_its_bad_inputs(built_store, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("retrieved 5 of top-5 rows (exact) from 1 datasets")
     assert "ban 'files/nothing_like_this' matches no dataset" in result.stderr
+    assert json.loads((tmp_path / "r" / "stats.json").read_text())["match_kind"] is True
+    every_kind = [*("--datastore", str(out), "--task", str(task), "--out", str(tmp_path / "r3")), "--no-match-kind"]
+    assert rebase("retrieve", *every_kind, "--top-k", "5", "--exact").returncode == 0
+    assert json.loads((tmp_path / "r3" / "stats.json").read_text())["match_kind"] is False
     empty = tmp_path / "empty.yaml"
     empty.write_text("name: qa\ninstruction: Answer.\nexamples: []\n")
     blank = tmp_path / "blank.yaml"
