@@ -28,6 +28,10 @@ from rebase.io import write_json_atomic
 from rebase.stage import STATS, SUCCESS, StageDir, is_finished
 
 _OWN_FILES = frozenset({"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES})
+REDO = "to redo"  # a stage's state after --from: its outputs stay until it starts again
+# What a redone stage keeps: the teacher's and the evaluated models' answers (keyed by prompt, model and
+# settings, so still valid); everything else in its directory is made again.
+_CACHES = {"transform": frozenset({"answers", "judged", "consistency"}), "evaluate": frozenset({"answers"})}
 
 
 @dataclass
@@ -87,6 +91,11 @@ def run_pipeline(
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in stages:
             raise RebaseError(f"{name} {value}: this pipeline's stages are {', '.join(stages)}")
+    if from_stage is not None and only is not None and from_stage != only:
+        raise RebaseError(
+            f"--from {from_stage} and --only {only} name different stages: --from redoes a stage and every later "
+            "one, --only runs one stage; give one of them, or the same stage to both"
+        )
     from rebase.task import load_task
 
     load_task(config.task)  # a bad task file fails now, not after the datastore is built
@@ -113,6 +122,8 @@ def run_pipeline(
             print(f"[{stage}] finished earlier ({entry.get('seconds', 0):.0f} s); skipped", flush=True)
             skipped.append(stage)
             continue
+        if entry.get("state") == REDO:
+            _clear(run_dir / stage, _CACHES.get(stage, frozenset()))
         print(f"[{stage}] {'resuming' if (run_dir / stage).exists() else 'starting'}", flush=True)
         _mark(run_dir, state, stage, state="running", settings=settings, pid=os.getpid(), started=_now(), finished=None)
         stage_started = time.monotonic()
@@ -158,11 +169,27 @@ def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
 
 
 def _forget(run_dir: Path, state: dict, stages: list[str]) -> None:
-    """Throw away the named stages' directories so they run again (a shared datastore is kept: it only adds)."""
+    """Mark the named stages to be redone: no longer finished, their outputs kept until each one starts
+    again (then `_clear` empties it but for its answer caches). A shared datastore is never touched."""
     for stage in stages:
-        shutil.rmtree(run_dir / stage, ignore_errors=True)
-        state["stages"].pop(stage, None)
+        if stage in state["stages"] or (run_dir / stage).exists():  # a stage never started stays "not started"
+            (run_dir / stage / SUCCESS).unlink(missing_ok=True)
+            state["stages"][stage] = {"state": REDO}
     write_json_atomic(run_dir / "run.json", state)
+
+
+def _clear(stage_dir: Path, keep: frozenset[str]) -> None:
+    """Empty a stage directory that is about to be redone, but for the caches named in `keep`: answers are
+    keyed by their prompt, model and settings, so the redone stage reuses those that still apply."""
+    if not stage_dir.is_dir():
+        return
+    for path in stage_dir.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _finished(run_dir: Path, stage: str) -> bool:

@@ -83,6 +83,25 @@ def test_a_foreign_or_other_run_directory_is_refused(tmp_path):
         run_pipeline(config, tmp_path / "fresh", only="train")
 
 
+def test_contradictory_from_and_only_are_refused_before_anything_is_touched(tmp_path):
+    """Seen in a probe: `--from transform --only retrieve` deleted transform/ and its answer cache, ran
+    nothing and exited 0. Now refused first; a run directory holding a finished stage stays as it was."""
+    pipeline = write_smoke_pipeline(tmp_path / "in")
+    run_dir = tmp_path / "run"
+    (run_dir / "transform" / "answers").mkdir(parents=True)
+    (run_dir / "transform" / "answers" / "part-1.parquet").write_bytes(b"the teacher's answers")
+    (run_dir / "transform" / "_SUCCESS").write_text("")
+    (run_dir / "run.json").write_text(json.dumps({"name": "smoke", "stages": {"transform": {"state": "done"}}}))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = rebase("run", str(pipeline), "--run-dir", str(run_dir), "--from", "transform", "--only", "retrieve")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rebase: error: --from transform and --only retrieve name different stages: --from redoes a stage and "
+        "every later one, --only runs one stage; give one of them, or the same stage to both"
+    ]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_stages_run_skip_and_redo_on_real_ray(tmp_path, capsys):
     pipeline = write_smoke_pipeline(tmp_path / "in")
     config = load_pipeline(pipeline)
@@ -136,3 +155,31 @@ def test_a_bad_task_file_or_datastore_path_fails_before_any_stage(tmp_path):
     with pytest.raises(RebaseError, match="nowhere is not a datastore"):
         run_pipeline(build_config(PipelineConfig, values), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_redo_keeps_later_outputs_until_they_run_and_the_teachers_answers_after(tmp_path, capsys):
+    """--from marks stages to redo without deleting them; when one starts again it is emptied but for its
+    answer caches, so a transform redone with another gate setting sends the teacher nothing."""
+    pipeline = write_smoke_pipeline(tmp_path / "in")
+    run_dir = tmp_path / "run"
+    for stage in ("datastore", "retrieve", "transform"):
+        run_pipeline(load_pipeline(pipeline), run_dir, only=stage)
+    answers = {p.name: p.stat().st_mtime_ns for p in (run_dir / "transform" / "answers").glob("*.parquet")}
+    assert answers and (run_dir / "transform" / "records.parquet").exists()
+
+    run_pipeline(load_pipeline(pipeline), run_dir, from_stage="retrieve", only="retrieve")
+    # transform is to be redone, but nothing of it is gone until it runs again
+    assert (run_dir / "transform" / "records.parquet").exists() and not (run_dir / "transform" / "_SUCCESS").exists()
+    assert {row["stage"]: row["state"] for row in run_status(run_dir)}["transform"] == "to redo"
+
+    changed = yaml.safe_load(pipeline.read_text())
+    changed["transform"]["max_label_share"] = 0.9  # a gate setting: the prompts, and so the answers, are the same
+    pipeline.write_text(yaml.safe_dump(changed))
+    capsys.readouterr()
+    redone = run_pipeline(load_pipeline(pipeline), run_dir, only="transform")
+    assert redone.ran == ["transform"]
+    assert "0 sent, 4 answered before" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "transform" / "answers").glob("*.parquet")} == answers
+    stats = json.loads((run_dir / "transform" / "stats.json").read_text())
+    assert stats["settings"]["max_label_share"] == 0.9
