@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +127,28 @@ def test_bad_inputs_fail_with_one_line_and_keep_the_store(built_store):
     assert read_manifest(out).counts()["rows"] == 20
     assert_one_line_error(rebase("datastore", "info", str(root / "junk")), "is not a rebase datastore")
     assert_one_line_error(rebase("datastore", "info", str(root / "nowhere")), "no such datastore directory")
+
+
+def test_a_store_missing_its_data_is_refused_in_one_line(built_store, tmp_path):
+    """Seen in a probe: `datastore info` on a folder holding only manifest.json exited 0 and reported its
+    rows. A manifest alone, or a store that lost an index shard, is now one line and exit 2."""
+    _, out = built_store
+    only_manifest = tmp_path / "only-manifest"
+    only_manifest.mkdir()
+    shutil.copy(out / "manifest.json", only_manifest / "manifest.json")
+    assert_one_line_error(
+        rebase("datastore", "info", str(only_manifest)), "is damaged", "datasets.parquet", "are missing"
+    )
+    no_shard = tmp_path / "no-shard"
+    shutil.copytree(out, no_shard)
+    for shard in (no_shard / "index").glob("*.faiss"):
+        shard.unlink()
+    assert_one_line_error(rebase("datastore", "info", str(no_shard)), "is damaged", "index/", "missing")
+    task = Path(__file__).parents[1] / "jobs" / "tasks" / "nli.yaml"
+    result = rebase("retrieve", "--datastore", str(no_shard), "--task", str(task), "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "is damaged")
+    assert not (tmp_path / "r").exists()
+    assert rebase("datastore", "info", str(out)).returncode == 0  # the whole store is still fine
 
 
 def test_hf_source_fails_fast_and_clearly_offline(tmp_path, monkeypatch):

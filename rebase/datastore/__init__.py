@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from rebase.datastore.build import BuildSummary, build_datastore
-from rebase.datastore.manifest import Manifest, read_manifest
+from rebase.datastore.manifest import Manifest, check_complete, read_manifest
 from rebase.io import iter_parquet
 
 __all__ = ["BuildSummary", "Manifest", "build_datastore", "datastore_info", "read_manifest"]
@@ -15,6 +15,7 @@ __all__ = ["BuildSummary", "Manifest", "build_datastore", "datastore_info", "rea
 def datastore_info(directory: Path) -> dict:
     """What a datastore holds: embedder, settings, counts, sources, shards, largest datasets, disk size."""
     manifest = read_manifest(directory)
+    check_complete(directory, manifest)
     per_dataset: Counter[str] = Counter()
     if (directory / "datasets.parquet").exists():
         for batch in iter_parquet([directory / "datasets.parquet"], columns=["dataset_id", "rows"]):

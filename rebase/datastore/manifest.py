@@ -105,3 +105,32 @@ def read_manifest(directory: Path) -> Manifest:
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     manifest.updated = _now()
     write_json_atomic(directory / MANIFEST, manifest.model_dump(mode="json"))
+
+
+def missing_parts(directory: Path, manifest: Manifest) -> list[str]:
+    """The data a finished source of the manifest needs that the directory lacks: its rows, cells and
+    values folders, its index shards and the datasets table (a manifest alone is no datastore)."""
+    missing = []
+    done = [source for source in manifest.sources if source.state == "complete"]
+    if done and not (directory / "datasets.parquet").is_file():
+        missing.append("datasets.parquet")
+    for source in done:
+        for folder in ("rows", "cells", "values"):
+            if not any((directory / folder / source.key).glob("*.parquet")):
+                missing.append(f"{folder}/{source.key}")
+        missing += [
+            f"index/{shard.file}" for shard in source.shards if not (directory / "index" / shard.file).is_file()
+        ]
+    return missing
+
+
+def check_complete(directory: Path, manifest: Manifest) -> None:
+    """One clear error when the datastore's data is not all there (see `missing_parts`)."""
+    missing = missing_parts(directory, manifest)
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise RebaseError(
+            f"{directory} is damaged: its manifest lists {manifest.counts()['rows']:,} rows but "
+            f"{listed} {'is' if len(missing) == 1 else 'are'} missing; rebuild it with rebase datastore build "
+            "into a new directory"
+        )

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rebase.datastore.manifest import Manifest, read_manifest
+from rebase.datastore.manifest import Manifest, check_complete, read_manifest
 from rebase.errors import RebaseError
 from rebase.io import embeddings_to_numpy, write_parquet_atomic
 from rebase.models import canonical_model_name, resolve_model
@@ -146,6 +146,7 @@ def _check_request(config: RetrieveConfig, manifest: Manifest) -> None:
             f"{config.datastore} was built with embedder '{manifest.embedder.name}', not '{config.embedder}'; "
             "retrieve with the datastore's embedder"
         )
+    check_complete(config.datastore, manifest)
     total_rows = manifest.counts()["rows"]
     if config.top_k > total_rows:
         raise RebaseError(f"--top-k {config.top_k} is larger than the datastore ({total_rows} rows)")
