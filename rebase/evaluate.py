@@ -33,7 +33,7 @@ from rebase.errors import RebaseError
 from rebase.intervals import paired_margin, score_interval
 from rebase.io import write_parquet_atomic
 from rebase.models import student_stats
-from rebase.stage import StageDir
+from rebase.stage import StageDir, read_stats
 from rebase.task import STUDENT_STOP, TaskSpec, final_answer, load_task, match_label, normalise, student_prompt
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -260,11 +260,12 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     few_shot = config.few_shot if config.few_shot is not None else bool(trained.get("config", {}).get("few_shot"))
     runs = _runs(config, trained, few_shot)
     out = config.out
-    stage = StageDir(out, "a rebase evaluation", _OWN_FILES)
-    stage.refuse_foreign()
-    examples = read_eval_set(spec, task, config.limit)
     settings = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "stop": STUDENT_STOP}
     settings |= precision.hashed(config.dtype, config.engine)
+    fingerprint = _fingerprint(config, task, spec, runs, settings)
+    stage = StageDir(out, "a rebase evaluation", _OWN_FILES)
+    _refuse_other_evaluation(stage, fingerprint, task, spec, runs)
+    examples = read_eval_set(spec, task, config.limit)
     print(f"evaluate: {len(examples)} examples of {spec}, {len(runs)} model run(s)", file=sys.stderr)
     predictions = {run.name: _predictions(config, task, run, examples, settings) for run in runs}
     roles = {run.name: run.role for run in runs}
@@ -289,6 +290,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
         {
             "task": task.name,
             "data": spec,
+            "fingerprint": fingerprint,
             "examples": len(examples),
             "few_shot": few_shot,
             "settings": settings,
@@ -300,6 +302,36 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
         },
     )
     return summary
+
+
+def _fingerprint(config: EvaluateConfig, task: TaskSpec, spec: str, runs: list[_Run], settings: dict) -> str:
+    """What makes an evaluation what it is: the task, the data, each model run and the generation settings
+    (not `--limit`: a larger sample of the same evaluation reuses the answers it has)."""
+    models = [[run.name, _identity(run.model, config.engine), run.few_shot] for run in runs]
+    payload = [task.model_dump(mode="json"), spec, models, settings]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _refuse_other_evaluation(stage: StageDir, fingerprint: str, task: TaskSpec, spec: str, runs: list[_Run]) -> None:
+    """Refuse an `--out` holding anything but this evaluation: foreign files, or another evaluation's
+    results (another model, task, data or settings), which would otherwise be overwritten."""
+    stage.refuse_foreign()
+    stats = read_stats(stage.path)
+    if not stats:
+        return
+    if "fingerprint" in stats:
+        same = stats["fingerprint"] == fingerprint
+    else:  # made before evaluations had a fingerprint: compare what they recorded
+        same = (
+            stats.get("task") == task.name
+            and stats.get("data") == spec
+            and set(stats.get("models", {})) >= {run.name for run in runs}
+        )
+    if not same:
+        raise RebaseError(
+            f"--out {stage.path} holds another evaluation ({stats.get('task')} on {stats.get('data')}: "
+            f"{', '.join(stats.get('models', {}))}); choose another --out"
+        )
 
 
 def _predictions(config: EvaluateConfig, task: TaskSpec, run: _Run, examples: list[dict], settings: dict) -> list[str]:

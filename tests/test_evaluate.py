@@ -233,6 +233,25 @@ def test_bad_evaluation_input_is_one_line(tmp_path, capsys):
         assert error.startswith("rebase: error:") and message in error and len(error.splitlines()) == 1, error
 
 
+def test_an_out_holding_another_evaluation_is_refused_and_kept(tmp_path, capsys):
+    """Seen in a probe: `rebase evaluate` overwrote another model's evaluation in its --out, exit 0."""
+    out = tmp_path / "evaluation"
+    out.mkdir()
+    other = {"task": "navigate", "data": "bigbench:navigate", "fingerprint": "0123456789abcdef"}
+    (out / "stats.json").write_text(json.dumps(other | {"models": {"out/another-student": {"accuracy": 0.6}}}))
+    (out / "predictions.parquet").write_bytes(b"another model's predictions")
+    (out / "_SUCCESS").write_text("")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    argv = ["evaluate", "--model", "builtin:gemma3-270m", "--task", "jobs/tasks/navigate.yaml", "--out", str(out)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"rebase: error: --out {out} holds another evaluation (navigate on bigbench:navigate: out/another-student); "
+        "choose another --out"
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 @pytest.mark.slow
 def test_evaluate_a_student_beside_its_base_then_resume(trained_student, tmp_path, capsys):
     config, _ = trained_student
@@ -275,4 +294,7 @@ def test_evaluate_a_student_beside_its_base_then_resume(trained_student, tmp_pat
 
     assert main(argv) == 0  # every answer is cached: nothing is generated again
     assert sorted(path.name for path in (out / "answers").rglob("part-*.parquet")) == parts
+    assert json.loads((out / "stats.json").read_text())["models"] == summary["models"]
+    assert main([*argv[:-2], "--max-new-tokens", "30"]) == 2  # other settings: another evaluation, refused
+    assert "holds another evaluation" in capsys.readouterr().err
     assert json.loads((out / "stats.json").read_text())["models"] == summary["models"]
