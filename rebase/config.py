@@ -93,7 +93,11 @@ def load_config(model: type[Config], path: Path, overrides: dict | None = None) 
     if not path.is_file():
         raise RebaseError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise RebaseError(f"{path}: not UTF-8 text; a config file is YAML in UTF-8") from None
+    except OSError as error:
+        raise RebaseError(f"{path}: cannot be read ({error.strerror})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rebase.errors import RebaseError
+
 
 def cache_dir() -> Path:
     """The cache root (`$REBASE_CACHE`, default ~/.cache/rebase); created on first use."""
@@ -26,6 +28,30 @@ def _temp_beside(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a stage's stats, a run's state); one clear error when it is
+    damaged, never a traceback."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        value = None
+    except OSError as error:
+        raise RebaseError(f"{path} cannot be read ({error.strerror})") from None
+    if not isinstance(value, dict):
+        raise RebaseError(f"{path} is damaged (not a JSON object); restore it, or redo the stage that wrote it")
+    return value
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file a stage wrote; one clear error when it is damaged or lacks a column, never a traceback."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        missing = "No match for FieldRef" in str(error)
+        problem = f"it lacks a column of {', '.join(columns or [])}" if missing else "not a readable parquet file"
+        raise RebaseError(f"{path} is damaged ({problem}); redo the stage that wrote it") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from rebase.config import STAGES, PipelineConfig, build_config
+from rebase.config import STAGES, PipelineConfig, load_config
 from rebase.errors import RebaseError
-from rebase.io import write_json_atomic
+from rebase.io import read_json_object, write_json_atomic
 from rebase.stage import STATS, SUCCESS, StageDir, is_finished
 
 _OWN_FILES = frozenset({"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES})
@@ -152,7 +152,7 @@ def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
     """The run's state; a directory holding another run or foreign files is refused, never overwritten."""
     run_json = run_dir / "run.json"
     if run_json.exists():
-        state = json.loads(run_json.read_text())
+        state = _read_state(run_json)
         if state.get("name") != config.name:
             raise RebaseError(
                 f"{run_dir} holds run {state.get('name')!r}, not {config.name!r}; choose another --run-dir"
@@ -165,6 +165,14 @@ def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     write_json_atomic(run_json, state)
+    return state
+
+
+def _read_state(run_json: Path) -> dict:
+    """A run's run.json; one clear error when it is damaged."""
+    state = read_json_object(run_json)
+    if not isinstance(state.get("stages"), dict):
+        raise RebaseError(f"{run_json} is damaged (no stages); restore it, or start the run in a new --run-dir")
     return state
 
 
@@ -287,7 +295,7 @@ def _evaluation(run_dir: Path) -> str:
     stats_path = run_dir / "evaluate" / "stats.json"
     if not stats_path.exists():
         return ""
-    stats = json.loads(stats_path.read_text())
+    stats = read_json_object(stats_path)
     metric = "accuracy" if any("accuracy" in scores for scores in stats["models"].values()) else "f1"
     scores = ", ".join(
         f"{stats['roles'].get(name, name)} {values[metric]:.3f}"
@@ -303,9 +311,9 @@ def run_status(run_dir: Path) -> list[dict]:
     run_json = run_dir / "run.json"
     if not run_json.exists():
         raise RebaseError(f"{run_dir} is not a rebase run (no run.json)")
-    state = json.loads(run_json.read_text())
-    planned = yaml.safe_load((run_dir / "pipeline.yaml").read_text()) if (run_dir / "pipeline.yaml").exists() else {}
-    config = build_config(PipelineConfig, planned, str(run_dir / "pipeline.yaml")) if planned else None
+    state = _read_state(run_json)
+    planned_path = run_dir / "pipeline.yaml"
+    config = load_config(PipelineConfig, planned_path) if planned_path.exists() else None
     stages = config.stages() if config else list(state["stages"])
     rows = []
     for stage in stages:
@@ -344,7 +352,7 @@ def _figures(run_dir: Path, stage: str) -> str:
     stats_path = run_dir / stage / "stats.json"
     if not stats_path.exists():
         return ""
-    stats = json.loads(stats_path.read_text())
+    stats = read_json_object(stats_path)
     if stage == "datastore":
         return f"{stats['datasets']:,} datasets, {stats['rows']:,} rows, {stats['cells']:,} cells ({stats['path']})"
     if stage == "retrieve":

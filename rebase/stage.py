@@ -4,12 +4,12 @@ with `stats.json` and `_SUCCESS` (written last, so a killed stage is never taken
 
 from __future__ import annotations
 
-import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from rebase.errors import RebaseError
-from rebase.io import write_json_atomic
+from rebase.io import read_json_object, write_json_atomic
 
 SUCCESS = "_SUCCESS"
 STATS = "stats.json"
@@ -41,13 +41,14 @@ class StageDir:
             raise RebaseError(f"{self.flag} {path} holds files that are not {self.what}; choose another")
         if self.own is None and names and not (path / self.fingerprint_file).is_file():
             raise RebaseError(f"{self.flag} {path} is not empty and is not {self.what}; choose another")
+        check_writable(path, self.flag)
 
     def check(self, fingerprint: str) -> dict | None:
         """Refuse foreign files and other inputs; the stats of a finished run with these inputs, else None."""
         self.refuse_foreign()
         path = self.path
         marker = path / self.fingerprint_file
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+        if marker.is_file() and read_json_object(marker).get("fingerprint") != fingerprint:
             raise RebaseError(
                 f"{path} holds {self.what} made from other inputs or settings; choose another {self.flag}"
             )
@@ -58,7 +59,7 @@ class StageDir:
         stats = self.path / STATS
         if not (self.path / SUCCESS).exists() or not stats.is_file():
             return None
-        return json.loads(stats.read_text())
+        return read_json_object(stats)
 
     def begin(self, fingerprint: str, **record) -> None:
         """Open the directory for (re)writing: it is no longer finished until `finish`; a separate
@@ -84,7 +85,22 @@ def is_finished(directory: Path) -> bool:
     return (Path(directory) / SUCCESS).exists()
 
 
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written (`/proc/x`, a read-only mount) before any work: a real
+    probe, a directory made and removed at once in the path or its nearest existing parent."""
+    target = Path(path).expanduser().absolute()
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing == target and not target.is_dir():
+        raise RebaseError(f"{flag} {path} is a file; choose a directory")
+    if existing is None or not existing.is_dir():
+        raise RebaseError(f"{flag} {path} cannot be made: {existing} is not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".rebase-probe-", dir=existing)).rmdir()
+    except OSError as error:
+        raise RebaseError(f"{flag} {path} cannot be written ({error.strerror}); choose another") from None
+
+
 def read_stats(directory: Path) -> dict:
     """A stage directory's stats.json, {} when there is none."""
     path = Path(directory).expanduser() / STATS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}

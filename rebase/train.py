@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from rebase import precision
 from rebase.config import TrainConfig
 from rebase.errors import RebaseError
+from rebase.io import read_parquet
 from rebase.models import canonical_model_name, deepspeed_on_cpu, resolve_model
 from rebase.progress import duration
 from rebase.stage import StageDir
@@ -52,7 +53,7 @@ def read_training_set(path: Path) -> list[dict]:
         records = path / "records.parquet"
         if not records.exists():
             raise RebaseError(f"{path} is not a transformed directory (no records.parquet); run rebase transform")
-        rows = pq.read_table(records, columns=["input", "output", "status"]).to_pylist()
+        rows = read_parquet(records, columns=["input", "output", "status"]).to_pylist()
         pairs = [{"input": r["input"], "output": r["output"]} for r in rows if r["status"] == "ok"]
         if not pairs:
             statuses: dict[str, int] = {}

@@ -45,6 +45,7 @@ from rebase.io import (
 )
 from rebase.models import canonical_model_name, resolve_model
 from rebase.progress import progress_bar
+from rebase.stage import check_writable
 
 ROWS_PER_PART = 20_000
 DESCRIPTIONS_BLOCK = "descriptions.parquet"
@@ -114,6 +115,7 @@ def build_datastore(config: DatastoreConfig) -> BuildSummary:
     out = config.out
     sources = _unique([open_source(spec, config.description) for spec in config.sources])
     created = not out.exists()
+    check_writable(out)
     manifest = _open_or_create(out, config)
     model_path = str(resolve_model(config.embedder))
     todo = [s for s in sources if (e := manifest.source(s.fingerprint)) is None or e.state != "complete"]

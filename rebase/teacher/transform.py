@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rebase import precision
 from rebase.config import TransformConfig
 from rebase.errors import RebaseError
 from rebase.generate.engines import GenerationParams
 from rebase.generate.pool import GenerationPool, GenerationRun
-from rebase.io import write_parquet_atomic
+from rebase.io import read_parquet, write_parquet_atomic
 from rebase.stage import StageDir, read_stats
 from rebase.task import STUDENT_STOP, TaskSpec, load_task, student_prompt
 from rebase.teacher import gates
@@ -174,12 +173,20 @@ def read_retrieved(directory: Path, limit: int | None = None) -> list[dict]:
         raise RebaseError(
             f"{directory} is not a finished retrieval (no _SUCCESS and rows.parquet); run rebase retrieve"
         )
-    table = pq.read_table(path, columns=["rank", "row_uid", "dataset_id", "row"]).sort_by("rank")
+    table = read_parquet(path, columns=["rank", "row_uid", "dataset_id", "row"]).sort_by("rank")
     if limit is not None:
         table = table.slice(0, limit)
     if not table.num_rows:
         raise RebaseError(f"{directory} holds no retrieved rows")
-    return table.to_pylist()
+    rows = table.to_pylist()
+    for row in rows:
+        try:
+            value = json.loads(row["row"])
+        except (TypeError, ValueError):
+            value = None
+        if not isinstance(value, dict):
+            raise RebaseError(f"{path}: row {row['row_uid']} is not a JSON object; redo rebase retrieve")
+    return rows
 
 
 def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str:
