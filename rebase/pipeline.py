@@ -145,6 +145,8 @@ def run_pipeline(
         print(f"[{stage}] {finished} after {seconds:.0f} s", flush=True)
         ran.append(stage)
         _write_report(run_dir)
+    if _report_stale(run_dir):  # a Ctrl-C while it was written, or a report deleted: made again
+        _write_report(run_dir)
     return RunSummary(config.name, run_dir, ran, skipped, time.monotonic() - started, _evaluation(run_dir))
 
 
@@ -285,6 +287,15 @@ def _write_report(run_dir: Path) -> None:
     from rebase.report import write_report
 
     write_report(run_dir)
+
+
+def _report_stale(run_dir: Path) -> bool:
+    """Whether report.html or report.md is missing or older than a stage that finished."""
+    reports = [run_dir / "report.html", run_dir / "report.md"]
+    if not all(report.is_file() for report in reports):
+        return True
+    finished = [(run_dir / stage / SUCCESS).stat().st_mtime for stage in STAGES if _finished(run_dir, stage)]
+    return max(finished, default=0.0) > min(report.stat().st_mtime for report in reports)
 
 
 def _evaluation(run_dir: Path) -> str:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -73,16 +74,24 @@ def read_training_set(path: Path) -> list[dict]:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         elif suffix == ".parquet":
             rows = pq.read_table(path).to_pylist()
-        elif suffix == ".csv":
-            rows = pa_csv.read_csv(path).to_pylist()
+        elif suffix == ".csv":  # every cell as written: "007" stays "007", not the number 7
+            text = pa_csv.ConvertOptions(column_types={"input": pa.string(), "output": pa.string()})
+            rows = pa_csv.read_csv(path, convert_options=text).to_pylist()
         else:
             raise RebaseError(f"{path}: training data must be a transformed directory, .jsonl, .parquet or .csv")
     except (json.JSONDecodeError, OSError, ValueError) as error:
         raise RebaseError(f"{path}: cannot read training data ({type(error).__name__})") from None
     if rows and not all(isinstance(r, dict) and "input" in r and "output" in r for r in rows):
         raise RebaseError(f"{path}: every row needs 'input' and 'output'")
+    for number, row in enumerate(rows, 1):
+        for name in ("input", "output"):
+            if row[name] is not None and not isinstance(row[name], str):
+                raise RebaseError(
+                    f"{path}: row {number}: '{name}' is {type(row[name]).__name__} {json.dumps(row[name])[:40]}, "
+                    "not text; write it as a string"
+                )
     pairs = [
-        {"input": str(r["input"]), "output": str(r["output"])}
+        {"input": r["input"], "output": r["output"]}
         for r in rows
         if str(r["input"] or "").strip() and str(r["output"] or "").strip()
     ]

@@ -6,6 +6,7 @@ datastore and retrieval stages run for real on a small store, in seconds."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,10 +118,15 @@ def test_stages_run_skip_and_redo_on_real_ray(tmp_path, capsys):
     assert state["stages"]["retrieve"]["seconds"] > 0
     assert (run_dir / "report.html").exists() and (run_dir / "pipeline.yaml").exists()
 
-    # A re-run skips finished stages.
+    # A re-run skips finished stages; a report lost (a Ctrl-C while it was written) is made again.
+    (run_dir / "report.html").unlink()
     again = run_pipeline(config, run_dir, only="retrieve")
     assert (again.ran, again.skipped) == ([], ["retrieve"])
     assert "[retrieve] finished earlier" in capsys.readouterr().out
+    assert (run_dir / "report.html").is_file()
+    os.utime(run_dir / "report.md", (1, 1))  # older than the stages: stale, so rebuilt
+    run_pipeline(config, run_dir, only="retrieve")
+    assert (run_dir / "report.md").stat().st_mtime > 1
 
     # Changed settings of a finished stage are refused until --from redoes it (and only what follows).
     changed = yaml.safe_load(pipeline.read_text())

@@ -76,6 +76,16 @@ def test_plain_files_of_input_and_output(tmp_path):
     with pytest.raises(RebaseError, match="not found"):
         read_training_set(tmp_path / "missing.jsonl")
 
+    # Seen in a probe: numbers were turned into text silently. A CSV keeps each cell as written; a JSON
+    # number is refused with the row that holds it.
+    (tmp_path / "numbers.csv").write_text("input,output\nWhat is 3 + 4?,007\n")
+    assert read_training_set(tmp_path / "numbers.csv") == [{"input": "What is 3 + 4?", "output": "007"}]
+    (tmp_path / "numbers.jsonl").write_text(
+        json.dumps({"input": "q", "output": "a"}) + "\n" + '{"input": "3+4", "output": 7}\n'
+    )
+    with pytest.raises(RebaseError, match=r"numbers.jsonl: row 2: 'output' is int 7, not text; write it as a string"):
+        read_training_set(tmp_path / "numbers.jsonl")
+
 
 def test_collate_pads_right_masks_padding_and_takes_read_only_arrays():
     import warnings
