@@ -265,43 +265,48 @@ def evaluate(config: EvaluateConfig) -> EvaluateSummary:
     fingerprint = _fingerprint(config, task, spec, runs, settings)
     stage = StageDir(out, "a rebase evaluation", _OWN_FILES)
     _refuse_other_evaluation(stage, fingerprint, task, spec, runs)
-    examples = read_eval_set(spec, task, config.limit)
-    print(f"evaluate: {len(examples)} examples of {spec}, {len(runs)} model run(s)", file=sys.stderr)
-    predictions = {run.name: _predictions(config, task, run, examples, settings) for run in runs}
-    roles = {run.name: run.role for run in runs}
-    majority = majority_label(task, examples)
-    if majority is not None:
-        predictions[f"majority label ({majority})"] = [majority] * len(examples)
-        roles[f"majority label ({majority})"] = "majority"
-    references = [example["references"] for example in examples]
-    per_example = {name: example_scores(task, texts, references) for name, texts in predictions.items()}
-    scores = {name: {m: round(sum(v) / len(v), 4) for m, v in metrics.items()} for name, metrics in per_example.items()}
-    intervals = {name: {m: score_interval(v) for m, v in metrics.items()} for name, metrics in per_example.items()}
-    margin = best_margin(primary_metric(task), per_example, roles)
-    stage.begin("")
-    rows = [
-        _prediction_row(task, name, roles[name], example, text, per_example[name], i)
-        for name, texts in predictions.items()
-        for i, (example, text) in enumerate(zip(examples, texts))
-    ]
-    write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pylist(rows))
-    summary = EvaluateSummary(out, spec, len(examples), scores, roles, time.monotonic() - started, intervals, margin)
-    stage.finish(
-        {
-            "task": task.name,
-            "data": spec,
-            "fingerprint": fingerprint,
-            "examples": len(examples),
-            "few_shot": few_shot,
-            "settings": settings,
-            "models": scores,
-            "roles": roles,
-            "intervals": intervals,
-            "margin": asdict(margin) if margin else None,
-            "seconds": round(summary.seconds, 2),
-        },
-    )
-    return summary
+    with stage.writing():
+        examples = read_eval_set(spec, task, config.limit)
+        print(f"evaluate: {len(examples)} examples of {spec}, {len(runs)} model run(s)", file=sys.stderr)
+        predictions = {run.name: _predictions(config, task, run, examples, settings) for run in runs}
+        roles = {run.name: run.role for run in runs}
+        majority = majority_label(task, examples)
+        if majority is not None:
+            predictions[f"majority label ({majority})"] = [majority] * len(examples)
+            roles[f"majority label ({majority})"] = "majority"
+        references = [example["references"] for example in examples]
+        per_example = {name: example_scores(task, texts, references) for name, texts in predictions.items()}
+        scores = {
+            name: {m: round(sum(v) / len(v), 4) for m, v in metrics.items()} for name, metrics in per_example.items()
+        }
+        intervals = {name: {m: score_interval(v) for m, v in metrics.items()} for name, metrics in per_example.items()}
+        margin = best_margin(primary_metric(task), per_example, roles)
+        stage.begin("")
+        rows = [
+            _prediction_row(task, name, roles[name], example, text, per_example[name], i)
+            for name, texts in predictions.items()
+            for i, (example, text) in enumerate(zip(examples, texts))
+        ]
+        write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pylist(rows))
+        summary = EvaluateSummary(
+            out, spec, len(examples), scores, roles, time.monotonic() - started, intervals, margin
+        )
+        stage.finish(
+            {
+                "task": task.name,
+                "data": spec,
+                "fingerprint": fingerprint,
+                "examples": len(examples),
+                "few_shot": few_shot,
+                "settings": settings,
+                "models": scores,
+                "roles": roles,
+                "intervals": intervals,
+                "margin": asdict(margin) if margin else None,
+                "seconds": round(summary.seconds, 2),
+            },
+        )
+        return summary
 
 
 def _fingerprint(config: EvaluateConfig, task: TaskSpec, spec: str, runs: list[_Run], settings: dict) -> str:

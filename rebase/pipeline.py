@@ -25,7 +25,7 @@ import yaml
 from rebase.config import STAGES, PipelineConfig, load_config
 from rebase.errors import RebaseError
 from rebase.io import read_json_object, write_json_atomic
-from rebase.stage import STATS, SUCCESS, StageDir, is_finished
+from rebase.stage import LOCK, STATS, SUCCESS, StageDir, is_finished
 
 _OWN_FILES = frozenset({"pipeline.yaml", "run.json", "report.html", "report.md", "report", *STAGES})
 REDO = "to redo"  # a stage's state after --from: its outputs stay until it starts again
@@ -101,7 +101,17 @@ def run_pipeline(
     load_task(config.task)  # a bad task file fails now, not after the datastore is built
     if "path" in config.datastore and not (Path(config.datastore["path"]) / "manifest.json").exists():
         raise RebaseError(f"datastore path {config.datastore['path']} is not a datastore (no manifest.json)")
-    state = _open_run_dir(run_dir, config)
+    _run_state(run_dir, config)  # refuses a foreign directory or another run before the lock is taken
+    with StageDir(run_dir, "a rebase run", _OWN_FILES, flag="--run-dir").writing():
+        state = _open_run_dir(run_dir, config)
+        return _run_stages(config, state, stages, from_stage, only, started)
+
+
+def _run_stages(
+    config: PipelineConfig, state: dict, stages: list[str], from_stage: str | None, only: str | None, started: float
+) -> RunSummary:
+    """The stages in order, in the locked run directory (see `run_pipeline`)."""
+    run_dir = config.run_dir
     if from_stage is not None:
         _forget(run_dir, state, stages[stages.index(from_stage) :])
     ran, skipped = [], []
@@ -123,7 +133,7 @@ def run_pipeline(
             skipped.append(stage)
             continue
         if entry.get("state") == REDO:
-            _clear(run_dir / stage, _CACHES.get(stage, frozenset()))
+            _clear(run_dir / stage, _CACHES.get(stage, frozenset()) | {LOCK})
         print(f"[{stage}] {'resuming' if (run_dir / stage).exists() else 'starting'}", flush=True)
         _mark(run_dir, state, stage, state="running", settings=settings, pid=os.getpid(), started=_now(), finished=None)
         stage_started = time.monotonic()
@@ -151,7 +161,17 @@ def run_pipeline(
 
 
 def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
-    """The run's state; a directory holding another run or foreign files is refused, never overwritten."""
+    """The run's state, with the pipeline as run written beside it (see `_run_state`)."""
+    state = _run_state(run_dir, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_json_atomic(run_dir / "run.json", state)
+    return state
+
+
+def _run_state(run_dir: Path, config: PipelineConfig) -> dict:
+    """The run's state, read only; a directory holding another run or foreign files is refused, never
+    overwritten."""
     run_json = run_dir / "run.json"
     if run_json.exists():
         state = _read_state(run_json)
@@ -159,14 +179,11 @@ def _open_run_dir(run_dir: Path, config: PipelineConfig) -> dict:
             raise RebaseError(
                 f"{run_dir} holds run {state.get('name')!r}, not {config.name!r}; choose another --run-dir"
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(path.name != LOCK for path in run_dir.iterdir()):
         raise RebaseError(f"{run_dir} is not empty and is no rebase run; choose another --run-dir")
     else:
         state = {"name": config.name, "task": str(config.task), "stages": {}}
     StageDir(run_dir, "a rebase run", _OWN_FILES, flag="--run-dir").refuse_foreign()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    write_json_atomic(run_json, state)
     return state
 
 

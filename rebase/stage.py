@@ -1,18 +1,33 @@
 """The stage-directory protocol every stage follows: refuse a directory holding someone else's files,
-refuse one made from other inputs (a fingerprint), resume an unfinished one, and mark a finished one
-with `stats.json` and `_SUCCESS` (written last, so a killed stage is never taken as done)."""
+refuse one made from other inputs (a fingerprint), lock it while writing, resume an unfinished one, and
+mark a finished one with `stats.json` and `_SUCCESS` (written last, so a killed stage is never taken as
+done).
+
+The lock is an advisory `flock` on `.rebase.lock` in the directory, which names its holder (process and
+host): a second writer is refused with that name, and a lock whose process died is free again, since
+the kernel drops a dead process's locks. It holds between processes of one machine and on file systems
+that support `flock` (local disks; NFS only where the server does)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 from rebase.errors import RebaseError
 from rebase.io import read_json_object, write_json_atomic
 
 SUCCESS = "_SUCCESS"
 STATS = "stats.json"
+LOCK = ".rebase.lock"
+_HELD: dict[str, IO[str]] = {}  # directories this process holds the lock of
 
 
 @dataclass(frozen=True)
@@ -69,15 +84,60 @@ class StageDir:
         if self.fingerprint_file != STATS:
             write_json_atomic(self.path / self.fingerprint_file, {"fingerprint": fingerprint, **record})
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the directory's lock while the block writes it (see the module docstring). A directory
+        this made and the block left empty (refused early) is removed again."""
+        created = not self.path.exists()
+        hold_lock(self.path, self.flag)
+        try:
+            yield
+        finally:
+            release_lock(self.path)
+            if created and [p.name for p in self.path.iterdir()] == [LOCK]:
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
+
     def finish(self, stats: dict) -> None:
         """Write stats.json, then `_SUCCESS`: the stage is done."""
         write_json_atomic(self.path / STATS, stats)
         (self.path / SUCCESS).write_text("")
 
 
+def hold_lock(path: Path, flag: str = "--out") -> None:
+    """Take the lock of directory `path` (made if need be) for this process, or refuse in one line naming
+    the process that holds it. Taking it again in the same process is a no-op."""
+    key = str(Path(path).absolute())
+    if key in _HELD:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(path) / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the lock is
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RebaseError(f"{flag} {path} is being written by {holder}; wait for it to end, or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    handle.write(f"process {os.getpid()} on {socket.gethostname()} (since {since})")
+    handle.flush()
+    _HELD[key] = handle
+
+
+def release_lock(path: Path) -> None:
+    """Let go of the lock of `path` if this process holds it."""
+    handle = _HELD.pop(str(Path(path).absolute()), None)
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def _is_temp(name: str) -> bool:
-    """A temp file left by a killed atomic write (rebase.io): not a foreign file."""
-    return name.startswith(".") and name.endswith(".tmp")
+    """A temp file left by a killed atomic write (rebase.io), or the lock file: not a foreign file."""
+    return name == LOCK or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def is_finished(directory: Path) -> bool:

@@ -330,32 +330,33 @@ def train(config: TrainConfig) -> TrainSummary:
     precision.check(config.dtype, placement.use_gpu, "train")
     if len(encoded.rows) < config.workers:
         raise RebaseError(f"{len(encoded.rows)} examples cannot feed {config.workers} workers; use fewer workers")
-    stage.begin(fingerprint, student=canonical_model_name(config.student))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = loop_settings(config, model_path, pad_id, len(encoded.rows), placement)
-    print(
-        f"train: {len(encoded.rows)} examples ({encoded.truncated} truncated, {encoded.dropped} dropped), "
-        f"{settings.total_steps} steps on {config.workers} worker(s), ZeRO-{config.zero_stage}, {settings.method}, "
-        f"{precision.describe(config.dtype, placement.use_gpu)}",
-        file=sys.stderr,
-    )
-    # The loop (on the workers), then export of the final checkpoint and the student's card and stats.
-    checkpoint = _fit(config, settings, encoded.rows, placement)
-    with checkpoint.as_directory() as directory:
-        state = LoopState(**json.loads((Path(directory) / "state.json").read_text()))
-        export_student(Path(directory) / "weights", model_path, stage.path, tokenizer, settings.lora is not None)
-    summary = _summary(config, settings, encoded, state, stage.path, time.monotonic() - started)
-    stats = {
-        "fingerprint": fingerprint,
-        "task": task.name,
-        "data": str(config.data),
-        "config": config.model_dump(mode="json"),
-        "lineage": lineage(Path(config.data)),
-        "summary": {key: value for key, value in asdict(summary).items() if key not in ("out", "already_done")},
-    }
-    (stage.path / "README.md").write_text(model_card(task, config, summary, stats["lineage"]))
-    stage.finish(stats)
-    return summary
+    with stage.writing():
+        stage.begin(fingerprint, student=canonical_model_name(config.student))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        settings = loop_settings(config, model_path, pad_id, len(encoded.rows), placement)
+        print(
+            f"train: {len(encoded.rows)} examples ({encoded.truncated} truncated, {encoded.dropped} dropped), "
+            f"{settings.total_steps} steps on {config.workers} worker(s), ZeRO-{config.zero_stage}, {settings.method}, "
+            f"{precision.describe(config.dtype, placement.use_gpu)}",
+            file=sys.stderr,
+        )
+        # The loop (on the workers), then export of the final checkpoint and the student's card and stats.
+        checkpoint = _fit(config, settings, encoded.rows, placement)
+        with checkpoint.as_directory() as directory:
+            state = LoopState(**json.loads((Path(directory) / "state.json").read_text()))
+            export_student(Path(directory) / "weights", model_path, stage.path, tokenizer, settings.lora is not None)
+        summary = _summary(config, settings, encoded, state, stage.path, time.monotonic() - started)
+        stats = {
+            "fingerprint": fingerprint,
+            "task": task.name,
+            "data": str(config.data),
+            "config": config.model_dump(mode="json"),
+            "lineage": lineage(Path(config.data)),
+            "summary": {key: value for key, value in asdict(summary).items() if key not in ("out", "already_done")},
+        }
+        (stage.path / "README.md").write_text(model_card(task, config, summary, stats["lineage"]))
+        stage.finish(stats)
+        return summary
 
 
 def _summary(

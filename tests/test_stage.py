@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import run_rebase
+from test_transform import NAVIGATE_ROWS, write_retrieved
 
 from rebase.errors import RebaseError
-from rebase.stage import StageDir, is_finished, read_stats
+from rebase.stage import LOCK, StageDir, is_finished, read_stats
+
+NAVIGATE = str(Path(__file__).parents[1] / "jobs" / "tasks" / "navigate.yaml")
 
 OWN = frozenset({"records.parquet", "stats.json", "_SUCCESS"})
 
@@ -56,3 +66,60 @@ def test_a_separate_fingerprint_file_is_written_first(tmp_path):
     stage.finish({"fingerprint": "f1"})
     assert stage.check("f1") == {"fingerprint": "f1"}
     assert read_stats(tmp_path / "nowhere") == {}
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from rebase.stage import StageDir
+with StageDir(Path(sys.argv[1]), "a test", None).writing():
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold(directory):
+    """Another process holding the lock of `directory` until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    """Seen in a probe: two identical `rebase transform` on one --out, or two `rebase run` of one pipeline,
+    both did all the work. Now the second is refused in one line naming the first."""
+    out = tmp_path / "transformed"
+    retrieved = write_retrieved(tmp_path / "retrieved", NAVIGATE_ROWS)
+    holder = _hold(out)
+    try:
+        result = run_rebase("transform", "--retrieved", str(retrieved), "--task", NAVIGATE, "--out", str(out))
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            f"rebase: error: --out {out} is being written by process {holder.pid} on {socket.gethostname()} "
+            f"(since {(out / LOCK).read_text().split('(since ')[1]}; wait for it to end, or stop it"
+        ]
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(yaml.safe_dump({"name": "p", "task": NAVIGATE, "datastore": {"sources": ["bigbench"]}}))
+        run_dir = tmp_path / "run"
+        run_holder = _hold(run_dir)
+        result = run_rebase("run", str(pipeline), "--run-dir", str(run_dir))
+        run_holder.kill()
+        run_holder.wait()
+        assert result.returncode == 2 and f"--run-dir {run_dir} is being written by process {run_holder.pid}" in (
+            result.stderr
+        )
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died (kill -9): its lock went with it, and the next writer takes it over.
+    with StageDir(out, "a test", None).writing():
+        assert (out / LOCK).read_text().startswith(f"process {os.getpid()} on ")
+        with StageDir(out, "a test", None).writing():  # the same process again: no conflict with itself
+            pass
+
+
+def test_a_refused_early_writer_leaves_no_directory_behind(tmp_path):
+    with pytest.raises(RuntimeError), StageDir(tmp_path / "new", "a test", None).writing():
+        raise RuntimeError("refused before writing anything")
+    assert not (tmp_path / "new").exists()

@@ -132,7 +132,8 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
         "fingerprint": fingerprint,
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_retrieved(texts, stage, selected, stats)
+    with stage.writing():
+        _write_retrieved(texts, stage, selected, stats)
     seconds = time.monotonic() - started
     return RetrieveSummary(
         config.out, config.top_k, len(selected), len(top_datasets), top_datasets, score_range, seconds, mode

@@ -94,76 +94,77 @@ def transform(config: TransformConfig) -> TransformSummary:
     out = config.out
     stage = StageDir(out, "a rebase transform", _OWN_FILES)
     stage.check(fingerprint)  # a finished one is redone from its cached answers, cheaply
-    schema = output_schema(task) if config.constrained else None
-    params = GenerationParams(config.max_new_tokens, config.temperature, schema)
-    prompts = [transform_prompt(task, json.loads(row["row"]), config.max_value_chars) for row in rows]
-    hashes = [prompt_hash(prompt, config.teacher, settings) for prompt in prompts]
-    teacher = GenerationPool(config, config.teacher)
-    answers, run = teacher.answer(dict(zip(hashes, prompts)), out / "answers", params, "transform")
-    records = check_records(task, [{"row_uid": row["row_uid"], **answers[h]} for row, h in zip(rows, hashes)])
-    threshold = _embedding_gates(config, task, records)
-    if config.judge:
-        judged = [n for n, record in enumerate(records) if record["status"] == "ok"]
-        judge_prompts = [judge_prompt(task, records[n]) for n in judged]
-        judge_hashes = [prompt_hash(p, config.teacher, {"judge": True}) for p in judge_prompts]
-        verdicts, judge_run = teacher.answer(
-            dict(zip(judge_hashes, judge_prompts)), out / "judged", GenerationParams(4, 0.0, None), "judge"
+    with stage.writing():
+        schema = output_schema(task) if config.constrained else None
+        params = GenerationParams(config.max_new_tokens, config.temperature, schema)
+        prompts = [transform_prompt(task, json.loads(row["row"]), config.max_value_chars) for row in rows]
+        hashes = [prompt_hash(prompt, config.teacher, settings) for prompt in prompts]
+        teacher = GenerationPool(config, config.teacher)
+        answers, run = teacher.answer(dict(zip(hashes, prompts)), out / "answers", params, "transform")
+        records = check_records(task, [{"row_uid": row["row_uid"], **answers[h]} for row, h in zip(rows, hashes)])
+        threshold = _embedding_gates(config, task, records)
+        if config.judge:
+            judged = [n for n, record in enumerate(records) if record["status"] == "ok"]
+            judge_prompts = [judge_prompt(task, records[n]) for n in judged]
+            judge_hashes = [prompt_hash(p, config.teacher, {"judge": True}) for p in judge_prompts]
+            verdicts, judge_run = teacher.answer(
+                dict(zip(judge_hashes, judge_prompts)), out / "judged", GenerationParams(4, 0.0, None), "judge"
+            )
+            run = run + judge_run
+            for n, h in zip(judged, judge_hashes):
+                _apply_verdict(records[n], verdicts[h])
+        if config.consistency:
+            run = run + _consistency_gate(config, task, records, teacher, settings)
+        if task.labels:
+            gates.balance_labels(records, config.max_label_share)
+        for record, row, h in zip(records, rows, hashes):
+            record.update(
+                rank=row["rank"], dataset_id=row["dataset_id"], teacher=config.teacher, prompt_hash=h, row=row["row"]
+            )
+        statuses = Counter(record["status"] for record in records)
+        reasons = Counter(
+            _reason_kind(record["reason"]) for record in records if record["status"] not in ("ok",) and record["reason"]
         )
-        run = run + judge_run
-        for n, h in zip(judged, judge_hashes):
-            _apply_verdict(records[n], verdicts[h])
-    if config.consistency:
-        run = run + _consistency_gate(config, task, records, teacher, settings)
-    if task.labels:
-        gates.balance_labels(records, config.max_label_share)
-    for record, row, h in zip(records, rows, hashes):
-        record.update(
-            rank=row["rank"], dataset_id=row["dataset_id"], teacher=config.teacher, prompt_hash=h, row=row["row"]
+        stats = {
+            "task": task.name,
+            "retrieved": str(config.retrieved),
+            "teacher": config.teacher,
+            "engine": config.engine,
+            "settings": {
+                **settings,
+                "max_value_chars": config.max_value_chars,
+                "judge": config.judge,
+                **_gate_settings(config),
+            },
+            "gates": gates.gate_counts(records),
+            "fit_threshold": None if threshold is None else round(threshold, 4),
+            "limit": config.limit,
+            "fingerprint": fingerprint,
+            "rows": len(records),
+            "statuses": dict(statuses),
+            "reasons": dict(reasons),
+            "sent": run.sent,
+            "cached": run.cached,
+            "prompt_tokens": run.prompt_tokens,
+            "completion_tokens": run.completion_tokens,
+            "generation_seconds": round(run.seconds, 2),
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        stage.begin(fingerprint)
+        write_parquet_atomic(out / "records.parquet", pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
+        stage.finish(stats)
+        return TransformSummary(
+            out=out,
+            rows=len(records),
+            statuses=dict(statuses),
+            reasons=dict(reasons),
+            sent=run.sent,
+            cached=run.cached,
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            seconds=time.monotonic() - started,
+            generation_seconds=run.seconds,
         )
-    statuses = Counter(record["status"] for record in records)
-    reasons = Counter(
-        _reason_kind(record["reason"]) for record in records if record["status"] not in ("ok",) and record["reason"]
-    )
-    stats = {
-        "task": task.name,
-        "retrieved": str(config.retrieved),
-        "teacher": config.teacher,
-        "engine": config.engine,
-        "settings": {
-            **settings,
-            "max_value_chars": config.max_value_chars,
-            "judge": config.judge,
-            **_gate_settings(config),
-        },
-        "gates": gates.gate_counts(records),
-        "fit_threshold": None if threshold is None else round(threshold, 4),
-        "limit": config.limit,
-        "fingerprint": fingerprint,
-        "rows": len(records),
-        "statuses": dict(statuses),
-        "reasons": dict(reasons),
-        "sent": run.sent,
-        "cached": run.cached,
-        "prompt_tokens": run.prompt_tokens,
-        "completion_tokens": run.completion_tokens,
-        "generation_seconds": round(run.seconds, 2),
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    stage.begin(fingerprint)
-    write_parquet_atomic(out / "records.parquet", pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
-    stage.finish(stats)
-    return TransformSummary(
-        out=out,
-        rows=len(records),
-        statuses=dict(statuses),
-        reasons=dict(reasons),
-        sent=run.sent,
-        cached=run.cached,
-        prompt_tokens=run.prompt_tokens,
-        completion_tokens=run.completion_tokens,
-        seconds=time.monotonic() - started,
-        generation_seconds=run.seconds,
-    )
 
 
 def read_retrieved(directory: Path, limit: int | None = None) -> list[dict]:
