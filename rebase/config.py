@@ -265,6 +265,7 @@ class ServeConfig(StageConfig):
     threads: int | None = Field(None, ge=1, description="torch threads per CPU replica; default all cores")
     dtype: Precision = Field("auto", description="model precision; " + PRECISION_AUTO)
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_header_bytes: int = Field(32_768, ge=1024, description="requests with larger headers in all get 431")
     max_prompt_tokens: int = Field(4096, ge=16)
     max_tokens_limit: int = Field(1024, ge=1, description="the most `max_tokens` a request may ask for")
     max_choices: int = Field(8, ge=1, description="the most prompts x n one request may ask for")

@@ -156,6 +156,13 @@ def test_bad_requests_get_4xx_and_leave_the_server_healthy(served):
         ("another model", completions, {**good, "model": "gpt-4"}, 404),
         ("prompt over the token limit", completions, {**good, "prompt": "word " * 400}, 400),
         ("body over the size limit", completions, {**good, "prompt": "x" * 10000}, 413),
+        (
+            "JSON nested 1,800 deep",
+            completions,
+            b'{"model": "student", "prompt": ' + b"[" * 1800 + b"]" * 1800 + b"}",
+            400,
+        ),
+        ("a lone surrogate", completions, b'{"model": "student", "prompt": "hi \\ud800", "max_tokens": 2}', 400),
         ("no messages", chat, {"model": "student", "messages": []}, 400),
         ("unknown role", chat, {"model": "student", "messages": [{"role": "root", "content": "x"}]}, 400),
         ("message without content", chat, {"model": "student", "messages": [{"role": "user"}]}, 400),
@@ -169,6 +176,8 @@ def test_bad_requests_get_4xx_and_leave_the_server_healthy(served):
         assert response.status_code == status, (what, response.status_code, response.text)
         error = response.json()["error"]
         assert error["message"] and error["type"], what
+    huge = requests.post(completions, data=json.dumps(good), headers={**auth, "X-Big": "a" * 40_000}, timeout=60)
+    assert huge.status_code == 431 and "headers are larger than 32768 bytes" in huge.json()["error"]["message"]
     assert requests.get(completions, headers=auth, timeout=10).status_code == 405
     assert requests.get(f"{served}/v1/nothing", headers=auth, timeout=10).json()["error"]["code"] == 404
     assert len(cases) >= 20

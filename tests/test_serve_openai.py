@@ -43,6 +43,9 @@ def test_requests_are_parsed_strictly():
         (b'{"model": "m", "prompt": "x", "max_tokens": 0}', "max_tokens", "max_tokens"),
         (b'{"model": "m", "prompt": "x", "extra": 1}', "extra", "extra"),
         (b'{"model": "m", "prompt": 7}', "prompt", "prompt"),
+        # seen in a probe as plain-text 500s: 10,000-level nesting and a lone surrogate in the prompt
+        (b'{"model": "m", "prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested too deeply", None),
+        (b'{"model": "m", "prompt": "hi \\ud800 there"}', "invalid Unicode", None),
     ]
     for raw, where, param in cases:
         with pytest.raises(RequestError) as refused:

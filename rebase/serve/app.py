@@ -173,6 +173,9 @@ class StudentServer:
     # -------------------------------------------------- requests
 
     def _authorise(self, request: Request) -> None:
+        size = sum(len(name) + len(value) for name, value in request.headers.raw)
+        if size > self.config.max_header_bytes:
+            raise RequestError(431, f"the request headers are larger than {self.config.max_header_bytes} bytes")
         if self.key is None:
             return
         given = request.headers.get("authorization", "")

@@ -71,8 +71,16 @@ def parse_request(raw: bytes, model: type[_Strict]) -> _Strict:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RequestError(400, "the body is not valid JSON") from None
+    except RecursionError:  # nesting deeper than the parser's stack
+        raise RequestError(400, "the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the body must be a JSON object")
+    try:  # "\ud800" is valid JSON but no text: a lone surrogate cannot be encoded or tokenized
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, "the body holds invalid Unicode (a lone surrogate such as \\ud800)") from None
+    except RecursionError:
+        raise RequestError(400, "the body is nested too deeply") from None
     try:
         return model.model_validate(data)
     except ValidationError as error:
