@@ -121,10 +121,10 @@ def _run_stages(
                 raise RebaseError(f"--only {only}: stage {stage} has not finished; run it first")
             continue
         stage_config = config.stage_config(stage, run_dir)
-        settings = _settings_hash(stage_config)
+        settings = _settings_hash(stage_config, run_dir)
         entry = state["stages"].get(stage, {})
         if stage != "serve" and _finished(run_dir, stage):
-            if entry.get("settings") not in (None, settings):
+            if entry.get("settings") not in (None, settings, _settings_hash(stage_config)):  # or as hashed before
                 raise RebaseError(
                     f"stage {stage} finished with other settings than {config.name}'s now; "
                     f"run with --from {stage} to redo it and the stages after it"
@@ -237,10 +237,25 @@ def _now() -> str:
 _ADDED_LATER = {"dtype": "auto", "embed_dtype": "auto"}
 
 
-def _settings_hash(stage_config) -> str:
+def _settings_hash(stage_config, run_dir: Path | None = None) -> str:
+    """A stage's settings as a short hash. Paths inside `run_dir` enter relative to it, so a run directory
+    moved or copied elsewhere keeps its finished stages (without `run_dir`: the absolute form runs made
+    before this hashed, still accepted)."""
     values = stage_config.model_dump(mode="json")
     values = {key: value for key, value in values.items() if _ADDED_LATER.get(key, object()) != value}
+    if run_dir is not None:
+        values = {key: _relative(value, run_dir) for key, value in values.items()}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _relative(value, run_dir: Path):
+    """A path inside the run directory as `RUN/...`; anything else as it is."""
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            return "RUN/" + Path(value).relative_to(run_dir).as_posix()
+        except ValueError:
+            return value
+    return value
 
 
 def _run_stage(stage: str, stage_config, run_dir: Path, existing_store: bool) -> None:

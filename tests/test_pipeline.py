@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,14 @@ def test_stages_run_skip_and_redo_on_real_ray(tmp_path, capsys):
     os.utime(run_dir / "report.md", (1, 1))  # older than the stages: stale, so rebuilt
     run_pipeline(config, run_dir, only="retrieve")
     assert (run_dir / "report.md").stat().st_mtime > 1
+
+    # A copied run directory keeps its finished stages (seen in a probe: every stage was refused, since the
+    # settings hashes held absolute paths, and the suggested --from threw the work away).
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, moved)
+    copied = run_pipeline(config, moved, only="retrieve")
+    assert (copied.ran, copied.skipped) == ([], ["retrieve"])
+    assert json.loads((moved / "run.json").read_text())["stages"]["retrieve"]["state"] == "done"
 
     # Changed settings of a finished stage are refused until --from redoes it (and only what follows).
     changed = yaml.safe_load(pipeline.read_text())
