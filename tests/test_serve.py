@@ -207,6 +207,45 @@ def test_concurrent_requests_share_batches(served):
     assert sum(sizes) == 8 and max(sizes) >= 4, sizes  # eight requests, decoded in a few shared batches
 
 
+LONG = {"model": "student", "prompt": "Once upon a time, in a land far away, there lived", "max_tokens": 64}
+
+
+@pytest.mark.slow
+def test_a_short_request_is_not_held_behind_a_long_one_and_a_gone_client_stops_decoding(served):
+    """Seen in a probe: a 4-token request sent 3 s after a 600-token one took 43.9 s, and requests whose
+    clients disconnected kept decoding. Now batches decode side by side and a gone client's choice stops."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("StudentServer", app_name="rebase")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = f"{served}/v1/completions"
+    timings: dict[str, float] = {}
+
+    def long_request() -> None:
+        started = time.monotonic()
+        response = requests.post(url, json=LONG, headers=auth, timeout=120)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 48
+        timings["long"] = time.monotonic() - started
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.0)  # the long request is decoding
+    started = time.monotonic()
+    short = requests.post(url, json={**LONG, "prompt": "Yes or no?", "max_tokens": 2}, headers=auth, timeout=120)
+    timings["short"] = time.monotonic() - started
+    thread.join()
+    assert short.status_code == 200
+    assert timings["short"] < 0.4 * timings["long"], timings  # it did not wait for the long batch to end
+
+    before = handle.cancellations.remote().result()
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and disconnects
+        requests.post(url, json=LONG, headers=auth, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while handle.cancellations.remote().result() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert handle.cancellations.remote().result() == before + 1
+
+
 @pytest.mark.slow
 def test_rebase_serve_runs_until_ctrl_c(tiny_gemma):
     """The command end to end with a Ray of its own (the session's serves the module's app), the tiny model."""

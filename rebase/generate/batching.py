@@ -64,6 +64,11 @@ class ContinuousBatch:
         self.prefix = self._shared_prefix() if engine.share_prefix else []
         self._prefix_cache = None
         self.running = _Running()
+        self.cancelled: set[int] = set()  # rows nobody waits for any more: dropped before the next step
+
+    def cancel(self, row: int) -> None:
+        """Stop decoding `row` (its caller went away): it leaves the batch before the next forward pass."""
+        self.cancelled.add(row)
 
     def _shared_prefix(self) -> list[int]:
         """The head every prompt shares, when long enough to be worth sharing and short enough to fit in a
@@ -93,6 +98,11 @@ class ContinuousBatch:
         waiting = list(range(len(self.ids)))[::-1]  # popped from the end: prompt order
         self.running = _Running()
         while waiting or self.running.rows:
+            if self.cancelled:
+                waiting[:] = [row for row in waiting if row not in self.cancelled]
+                self._drop_cancelled()
+                if not (waiting or self.running.rows):
+                    break
             with torch.inference_mode():
                 # Admit as soon as a place is free: prefill costs the same per token in small groups or large.
                 self._admit(waiting)
@@ -100,6 +110,18 @@ class ContinuousBatch:
                     self._decode()
             events, self.events = self.events, []
             yield events
+
+    def _drop_cancelled(self) -> None:
+        running = self.running
+        if not running.rows or not self.cancelled & set(running.rows):
+            return
+        going = [n for n, row in enumerate(running.rows) if row not in self.cancelled]
+        if not going:
+            self.running = _Running()
+            return
+        running = _select(running, going, self.device)
+        running.cache, running.mask = trim(running.cache, running.mask)
+        self.running = running
 
     def _admit(self, waiting: list[int]) -> None:
         """Prefill as many waiting prompts as there are free places and join those that go on to the batch."""

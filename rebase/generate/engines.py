@@ -138,7 +138,11 @@ class TransformersEngine:
         """Decode token ids with settings per row (length, temperature, stop strings), one step at a time:
         yields, after each forward pass, (row, token or None, finished) for the rows it advanced. A server
         streams from this; `generate` is the same loop run to the end."""
-        return ContinuousBatch(self, ids, rows).steps()
+        return self.batch(ids, rows).steps()
+
+    def batch(self, ids: list[list[int]], rows: list[GenerationParams]) -> ContinuousBatch:
+        """The continuous batch `steps` runs, for a caller that may `cancel` rows while it runs."""
+        return ContinuousBatch(self, ids, rows)
 
     def grammar(self, schema: dict):
         """The xgrammar grammar for a JSON schema, compiled once per schema."""

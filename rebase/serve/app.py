@@ -42,6 +42,7 @@ from rebase.serve.openai import (
 from rebase.task import STUDENT_STOP, TaskSpec, student_prompt
 
 app = FastAPI(title="rebase student", docs_url=None, redoc_url=None, openapi_url=None)
+CONCURRENT_BATCHES = 4  # batches decoding at once in a replica (see StudentServer.decode)
 
 
 @app.exception_handler(RequestError)
@@ -70,6 +71,7 @@ class Job:
     max_tokens: int
     temperature: float
     stop: list[str]
+    cancelled: bool = False  # set when nobody reads the choice any more (the client went away)
 
 
 @serve.deployment(name="StudentServer")
@@ -92,24 +94,34 @@ class StudentServer:
         self.few_shot = bool(config.few_shot if config.few_shot is not None else trained)
         self.key = os.environ.get(config.api_key_env) or None
         self.batch_sizes: list[int] = []
+        self.cancelled = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # one forward at a time
         self.decode.set_max_batch_size(config.max_batch_size)
         self.decode.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     # -------------------------------------------------- batching
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1)  # both set from the config in __init__
+    # Several batches decode at once: their forward passes take turns on the one decode thread, so a short
+    # request that arrives while a long batch runs starts at once instead of waiting for that batch to end.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1, max_concurrent_batches=CONCURRENT_BATCHES)
     async def decode(self, jobs: list[Job]):
         """Every job of the batch advanced by one token per forward pass; yields one item per job per
-        step: (token or None, finished), or StopIteration once a job is done."""
+        step: (token or None, finished), or StopIteration once a job is done. A job whose caller went
+        away leaves the batch before the next pass. (Batch size and wait are set from the config.)"""
         from rebase.generate.engines import GenerationParams
 
         self.batch_sizes.append(len(jobs))
         rows = [GenerationParams(j.max_tokens, j.temperature, None, j.stop or None) for j in jobs]
-        steps = self.engine.steps([j.ids for j in jobs], rows)
+        batch = self.engine.batch([j.ids for j in jobs], rows)
+        steps = batch.steps()
         done = [False] * len(jobs)
         loop = asyncio.get_running_loop()
         while not all(done):
+            for row, job in enumerate(jobs):
+                if job.cancelled and not done[row]:
+                    batch.cancel(row)
+                    done[row] = True
+                    self.cancelled += 1
             events = await loop.run_in_executor(self.pool, next, steps, None)
             if events is None:
                 break
@@ -127,19 +139,27 @@ class StudentServer:
         """The sizes of the batches this replica decoded (for tests and benchmarks)."""
         return list(self.batch_sizes)
 
+    def cancellations(self) -> int:
+        """How many choices stopped decoding because their client went away (for tests and benchmarks)."""
+        return self.cancelled
+
     async def _choice(self, job: Job) -> AsyncIterator[tuple[str, str | None]]:
-        """Text pieces of one choice as they come, then (the rest, finish reason)."""
+        """Text pieces of one choice as they come, then (the rest, finish reason). When the reader stops
+        early (a client that disconnected, streaming or not), the job is marked so decoding stops too."""
         text = TextStream(self.tokenizer, job.stop)
         count = 0
-        async for token, finished in self.decode(job):
-            if token is None and not finished:
-                continue  # a step that did not advance this choice
-            count += token is not None
-            piece = text.add(token)
-            if piece:
-                yield piece, None
-        rest, stopped = text.finish()
-        yield rest, finish_reason(stopped, count, job.max_tokens)
+        try:
+            async for token, finished in self.decode(job):
+                if token is None and not finished:
+                    continue  # a step that did not advance this choice
+                count += token is not None
+                piece = text.add(token)
+                if piece:
+                    yield piece, None
+            rest, stopped = text.finish()
+            yield rest, finish_reason(stopped, count, job.max_tokens)
+        finally:
+            job.cancelled = True  # no effect once the job is done
 
     async def _run(self, jobs: list[Job]) -> list[Choice]:
         async def collect(job: Job) -> Choice:
