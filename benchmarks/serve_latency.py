@@ -85,7 +85,7 @@ def main() -> None:
     handle = serve.get_deployment_handle("StudentServer", app_name="rebase")
     try:
         cancelled = handle.cancellations.remote().result()
-    except Exception:  # code from before the change has no such method  # noqa: BLE001
+    except Exception:  # code from before the change has no such method
         cancelled = None
     print(
         json.dumps(

@@ -111,7 +111,7 @@ def hold_lock(path: Path, flag: str = "--out") -> None:
     if key in _HELD:
         return
     Path(path).mkdir(parents=True, exist_ok=True)
-    handle = open(Path(path) / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the lock is
+    handle = open(Path(path) / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - open as long as the lock is held
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

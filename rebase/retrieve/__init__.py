@@ -104,7 +104,8 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
     candidates = _candidates(config, query, apply_bans(similarities, task.ban), manifest.embedder.dimension)
     if not len(candidates):
         raise RebaseError(f"every row of {config.datastore} is banned by the task; nothing to retrieve")
-    texts = _row_texts(config.datastore, candidates.row_uid.tolist())
+    # The rows' text, read in one pass: for every candidate when their kind is checked, else for the kept ones.
+    texts = _row_texts(config.datastore, candidates.row_uid.tolist()) if config.match_kind else {}
     kinds, off_kind = sorted(task_kinds(task)), 0
     if config.match_kind:
         keep = np.array([text_kind(row_text(texts[uid])) in kinds for uid in candidates.row_uid.tolist()], bool)
@@ -112,6 +113,7 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
         if not len(candidates):
             raise RebaseError(f"no row of {config.datastore} is of the kind of the task's inputs ({', '.join(kinds)})")
     selected = best_rows(candidates, config.top_k, config.per_dataset_cap)
+    texts = texts or _row_texts(config.datastore, selected.row_uid.tolist())
     top_datasets = Counter(selected.dataset_id.tolist()).most_common()
     score_range = (float(selected.score.min()), float(selected.score.max()))
     stats = {
