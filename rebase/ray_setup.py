@@ -18,18 +18,28 @@ SEARCHER_RETRIES = {"max_restarts": 2, "max_task_retries": -1}
 TASK_RETRIES = 2
 
 
+# Ray's switch between a Ray of one machine and one that other machines may join, read when Ray is imported.
+# Off, a Ray started here takes the loopback address as its node address (Ray's default on macOS and Windows),
+# and then every process of it listens on loopback only: GCS, raylet, object manager, workers (Serve's proxy,
+# controller and replicas among them), dashboard, its agents and their Prometheus metrics.
+ONE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def ensure_ray() -> None:
     """Start or join Ray once per process, quietly; safe to call from every stage."""
     import ray
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS")  # set inside a Ray job; `auto` joins what `ray start` started here
+    if not address:
+        loopback_only()
     # Ray's announced default: tasks that ask for no GPU keep the CUDA_VISIBLE_DEVICES they inherit.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(
-        # RAY_ADDRESS (set inside a Ray job; `auto` joins what `ray start` started here), else a Ray of our own:
-        # never a stale or token-protected `ray start` head that Ray would otherwise pick up by itself.
-        address=os.environ.get("RAY_ADDRESS") or "local",
+        # RAY_ADDRESS, else a Ray of our own: never a stale or token-protected `ray start` head that Ray would
+        # otherwise pick up by itself. On a cluster, where it listens is the operator's choice (`ray start`).
+        address=address or "local",
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (without
         # it, a warning every few seconds for as long as the process lives); it listens on 127.0.0.1.
         include_dashboard=True,
@@ -37,6 +47,17 @@ def ensure_ray() -> None:
         configure_logging=True,
     )
     quiet_ray_data()
+
+
+def loopback_only() -> None:
+    """The Ray about to be started here listens on loopback only (`ONE_MACHINE`), unless the environment sets
+    the switch itself. Ray reads it once, when it is imported, which is usually before this runs (a program
+    that imports ray, then rebase), so Ray's reading is set too; every process it starts inherits the switch."""
+    if os.environ.setdefault(ONE_MACHINE, "0") != "0":
+        return
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def quiet_ray_data() -> None:

@@ -26,3 +26,28 @@ def kill_when(
     assert process.poll() is None, f"the {what} finished before it could be interrupted"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def listening(pid: int) -> dict[str, str]:
+    """Every address that a process or any of its descendants listens on (TCP) or is bound to (UDP), as
+    `ss -ltnup` lists them, with the name of the process that holds it."""
+    import psutil
+
+    root, found = psutil.Process(pid), {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            name = process.name()
+            for connection in process.net_connections(kind="inet"):
+                if connection.status == psutil.CONN_LISTEN or (connection.laddr and not connection.raddr):
+                    found[f"{connection.laddr.ip}:{connection.laddr.port}"] = name
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # a worker that ended meanwhile
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `ip:port` is on loopback (127.0.0.0/8, ::1, or 127.x as an IPv4-mapped IPv6 address)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]"))
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)

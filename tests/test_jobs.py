@@ -21,6 +21,7 @@ import pytest
 from browser import render
 from openai import OpenAI
 from openai_server import free_port
+from processes import is_loopback, listening
 from smoke_pipeline import write_smoke_pipeline
 
 REPO = Path(__file__).parents[1]
@@ -30,6 +31,7 @@ RAY_ENV = {
     **{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
     "RAY_AUTH_MODE": "token",
     "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the README's one-machine head: every Ray process on loopback
 }
 
 
@@ -37,6 +39,7 @@ RAY_ENV = {
 class RayHead:
     jobs: str  # the job server's address, for `ray job`
     gcs: str  # the cluster's address, for a driver to join through RAY_ADDRESS
+    pid: int  # `ray start`'s, whose descendants are the head's processes
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ def ray_head(tmp_path):
             assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the Ray head did not answer within 120 s"
             time.sleep(2)
-        yield RayHead(jobs=address, gcs=f"127.0.0.1:{port}")
+        yield RayHead(jobs=address, gcs=f"127.0.0.1:{port}", pid=head.pid)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -210,6 +213,12 @@ def test_pipeline_job_killed_then_resubmitted_resumes_to_succeeded(ray_head, tmp
         assert answer.model == "train" and answer.choices[0].finish_reason in ("stop", "length")
         # The task route put the raw input in the student's prompt format, instruction included.
         assert answer.usage.prompt_tokens > 20
+        # The head as the README starts it on one machine listens on loopback only, jobs and Serve included,
+        # but for Ray's one exception (README, "Where Ray listens"): Serve replicas' token-guarded gRPC server.
+        sockets = listening(ray_head.pid)
+        assert {"gcs_server", "raylet"} <= set(sockets.values()) and f"127.0.0.1:{port}" in sockets, sockets
+        beyond = {address: name for address, name in sockets.items() if not is_loopback(address)}
+        assert all(name.startswith("ray::ServeReplica:") for name in beyond.values()), beyond
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=120)

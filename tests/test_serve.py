@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from openai_server import free_port
+from processes import is_loopback, listening
 
 from rebase.config import ServeConfig
 
@@ -247,8 +248,10 @@ def test_a_short_request_is_not_held_behind_a_long_one_and_a_gone_client_stops_d
 
 
 @pytest.mark.slow
-def test_rebase_serve_runs_until_ctrl_c(tiny_gemma):
-    """The command end to end with a Ray of its own (the session's serves the module's app), the tiny model."""
+def test_rebase_serve_runs_until_ctrl_c_and_listens_on_loopback_only(tiny_gemma):
+    """The command end to end with a Ray of its own (the session's serves the module's app), the tiny model.
+    Every socket of it and its Ray (GCS, raylet, workers, Serve's proxy, controller and replica, dashboard,
+    agents, metrics) is on loopback."""
     port = free_port()
     command = [sys.executable, "-m", "rebase", "serve", "--model", str(tiny_gemma), "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -263,6 +266,16 @@ def test_rebase_serve_runs_until_ctrl_c(tiny_gemma):
         body = response.json()
         assert response.status_code == 200 and body["model"] == "tiny-gemma3"
         assert 1 <= body["usage"]["completion_tokens"] <= 2 and body["usage"]["prompt_tokens"] == 2
+        sockets = listening(process.pid)
+        held_by = set(sockets.values())
+        assert {"gcs_server", "raylet"} <= held_by and any(name.startswith("ray::") for name in held_by), sockets
+        assert f"127.0.0.1:{port}" in sockets, sockets
+        # The one exception, Ray's own (README, "Where Ray listens"): each Serve replica's inter-deployment gRPC
+        # server, bound to every interface by Ray itself; it answers nothing without the cluster's token.
+        beyond = {address: name for address, name in sockets.items() if not is_loopback(address)}
+        assert all(name.startswith("ray::ServeReplica:") for name in beyond.values()), beyond
+        for address in beyond:
+            assert grpc_refuses_without_token(int(address.rsplit(":", 1)[1]))
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0
         assert "stopped serving" in process.stderr.read()
@@ -272,6 +285,19 @@ def test_rebase_serve_runs_until_ctrl_c(tiny_gemma):
     time.sleep(1)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def grpc_refuses_without_token(port: int) -> bool:
+    """Whether the Serve replica's gRPC server on `port` refuses a call of its service made without Ray's token."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest", lambda x: x, lambda x: x)
+        try:
+            call(b"", timeout=30)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
 
 
 def test_a_model_that_cannot_be_found_is_one_line(tmp_path, capsys):
