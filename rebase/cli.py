@@ -7,13 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import NoReturn, get_args
 
 from pydantic import BaseModel
 
 from rebase.config import (
     STAGES,
     DatastoreConfig,
+    DecontaminationConfig,
     Engine,
     EvaluateConfig,
     GenerationConfig,
@@ -96,6 +97,22 @@ def _retrieve_parser(commands) -> None:
         default=None,
         help="keep rows of every kind (words, numbers, code), not only those of the task's inputs",
     )
+    _decontamination_options(retrieve, RetrieveConfig)
+
+
+def _decontamination_options(parser: argparse.ArgumentParser, model: type[DecontaminationConfig]) -> None:
+    """The flags `retrieve` and `transform` share: the comparison with the task's evaluation set."""
+    _option(
+        parser,
+        model,
+        "decontaminate",
+        "--no-decontaminate",
+        action="store_false",
+        default=None,
+        help="do not compare with the task's evaluation set",
+    )
+    _option(parser, model, "contamination_ngram", type=int)
+    _option(parser, model, "contamination_similarity", type=float)
 
 
 def _generation_options(parser: argparse.ArgumentParser, model: type[GenerationConfig]) -> None:
@@ -140,6 +157,16 @@ def _transform_parser(commands) -> None:
         action="store_false",
         default=None,
         help="skip the consistency gate (the teacher answering its own inputs again)",
+    )
+    _decontamination_options(transform, TransformConfig)
+    for name in ("rpm", "tpm"):
+        _option(transform, TransformConfig, name, type=int)
+    for name in ("price_input_per_million", "price_output_per_million"):
+        _option(transform, TransformConfig, name, type=float)
+    transform.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the prompts to send, their tokens and projected cost; call no teacher, write nothing",
     )
 
 
@@ -187,8 +214,16 @@ def _serve_parser(commands) -> None:
         _option(serve, ServeConfig, name, type=int)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A flag argparse cannot read (`--rpm lots`, an unknown flag) is one line and exit 2, as every other bad
+    input is; `--help` shows the usage. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rebase", description="Retrieval Based Distillation on Ray")
+    parser = _Parser(prog="rebase", description="Retrieval Based Distillation on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
     _datastore_parser(commands)
     _retrieve_parser(commands)
@@ -235,9 +270,13 @@ def _datastore_build(args: argparse.Namespace) -> int:
 
 
 def _transform(args: argparse.Namespace) -> int:
-    from rebase.teacher import transform
+    from rebase.teacher import dry_run, transform
 
-    summary = transform(_stage_config(TransformConfig, args, "--retrieved DIR, --task TASK.yaml and --out DIR"))
+    config = _stage_config(TransformConfig, args, "--retrieved DIR, --task TASK.yaml and --out DIR")
+    if args.dry_run:
+        print(dry_run(config))
+        return 0
+    summary = transform(config)
     print(summary.line())
     return 0
 

@@ -116,6 +116,24 @@ def load_config(model: type[Config], path: Path, overrides: dict | None = None) 
 Engine = Literal["transformers", "vllm", "openai"]
 
 
+class DecontaminationConfig(StageConfig):
+    """How `retrieve` and `transform` compare their texts with the task's evaluation set (rebase/decontaminate.py)."""
+
+    decontaminate: bool = Field(
+        True,
+        description="compare retrieved rows and generated inputs with the task's evaluation source (its `eval`): "
+        "long n-gram overlap and embedding near-duplicates; a match is never handed to the teacher or trained on",
+    )
+    contamination_ngram: int = Field(13, ge=4, le=64, description="words in a row that make an n-gram match")
+    contamination_similarity: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="cosine similarity to an evaluation input that makes a near-duplicate; default: derived "
+        "from the evaluation set (its inputs' 99th-percentile similarity to one another, at least 0.9)",
+    )
+
+
 class GenerationConfig(StageConfig):
     """How a stage generates text (the teacher in `transform`, the student in `evaluate`): which engine,
     how many prompts at once, how many actors, and for an endpoint how to reach it."""
@@ -134,6 +152,10 @@ class GenerationConfig(StageConfig):
     request_concurrency: int = Field(8, ge=1, description="engine openai: requests in flight per actor")
     max_retries: int = Field(5, ge=0, description="engine openai: retries on 408/409/429/5xx, timeouts, resets")
     request_timeout: float = Field(120.0, gt=0, description="engine openai: seconds per request")
+    rpm: int | None = Field(None, ge=1, description="engine openai: most requests per minute, all actors together")
+    tpm: int | None = Field(
+        None, ge=1, description="engine openai: most tokens per minute (prompt + max tokens), all actors together"
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="engine vllm")
     max_model_len: int | None = Field(None, ge=64, description="engine vllm")
     dtype: Precision = Field("auto", description="model precision (transformers, vllm); " + PRECISION_AUTO)
@@ -145,7 +167,7 @@ class GenerationConfig(StageConfig):
         return self
 
 
-class TransformConfig(GenerationConfig):
+class TransformConfig(GenerationConfig, DecontaminationConfig):
     """`rebase transform`: which teacher, on which engine, how many at once, how strict."""
 
     retrieved: Path = Field(description="retrieved directory (from rebase retrieve)")
@@ -175,6 +197,12 @@ class TransformConfig(GenerationConfig):
         0.97, gt=0.0, le=1.0, description="an input this similar to a better-ranked ok input is a duplicate"
     )
     consistency: bool = Field(True, description="the teacher answers each ok input again, few-shot; kept if it agrees")
+    price_input_per_million: float | None = Field(
+        None, ge=0.0, description="the teacher's price per million prompt tokens, for the cost in stats and --dry-run"
+    )
+    price_output_per_million: float | None = Field(
+        None, ge=0.0, description="the teacher's price per million generated tokens, for the cost in stats, --dry-run"
+    )
     max_label_share: float = Field(0.6, gt=0.0, le=1.0, description="most share of the ok records one label may take")
 
 
@@ -278,7 +306,7 @@ class ServeConfig(StageConfig):
         return self
 
 
-class RetrieveConfig(StageConfig):
+class RetrieveConfig(DecontaminationConfig):
     """`rebase retrieve`: the top K rows of a datastore for a task by the ReBase score."""
 
     datastore: Path = Field(description="datastore directory (from rebase datastore build)")

@@ -20,11 +20,18 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from rebase.config import STAGES
+from rebase.decontaminate import describe
 from rebase.io import write_bytes_atomic
 from rebase.progress import duration
 
-STATUS_ORDER = ("ok", "rejected", "duplicate", "parse_error")
-STATUS_COLOURS = {"ok": "#2e7d32", "rejected": "#ef6c00", "duplicate": "#757575", "parse_error": "#c62828"}
+STATUS_ORDER = ("ok", "rejected", "duplicate", "contaminated", "parse_error")
+STATUS_COLOURS = {
+    "ok": "#2e7d32",
+    "rejected": "#ef6c00",
+    "duplicate": "#757575",
+    "contaminated": "#ad1457",
+    "parse_error": "#c62828",
+}
 STATE_COLOURS = {"done": "#1565c0", "running": "#ef6c00", "failed": "#c62828", "skipped": "#9e9e9e"}
 EXAMPLES = 5
 TOP_DATASETS = 15
@@ -178,6 +185,7 @@ def _retrieve(run_dir: Path, run: dict) -> Section:
         "Retrieved rows",
         [
             facts + ".",
+            describe(stats.get("contamination"), "retrieved rows"),
             _datasets_plot(datasets),
             _scores_plot({name: table[name] for name in columns[1:]}),
         ],
@@ -196,10 +204,25 @@ def _transform(run_dir: Path, run: dict) -> Section:
     section = Section("Teacher transform", [])
     if "teacher" in stats:
         section.blocks.append(f"Teacher {stats['teacher']} ({stats.get('engine', '?')}), {len(records)} rows.")
+    if stats.get("cost"):
+        cost = stats["cost"]
+        section.blocks.append(
+            f"This run's requests cost ${cost['usd']:.4f} ({cost['prompt_tokens']:,} tokens in, "
+            f"{cost['completion_tokens']:,} out, at {cost['price_input_per_million']} and "
+            f"{cost['price_output_per_million']} USD per million)."
+        )
+    if stats.get("rate_limits"):
+        limits = stats["rate_limits"]
+        section.blocks.append(
+            f"Rate limits rpm {limits['rpm']}, tpm {limits['tpm']}: {limits['requests']:,} requests, "
+            f"{limits['waited_seconds']:,} s spent waiting for slots, {limits['retry_after_pauses']} pauses for "
+            "Retry-After."
+        )
     section.blocks.append(_statuses_plot(statuses))
     if reasons:
         ranked = sorted(reasons.items(), key=lambda item: -item[1])
         section.blocks.append(Table(["reason", "rows"], [[reason, str(count)] for reason, count in ranked]))
+    section.blocks.append(describe(stats.get("contamination"), "generated inputs"))
     if stats.get("gates"):
         threshold = stats.get("fit_threshold")
         fit = f"; task fit needs similarity {threshold:.2f} to the task's example inputs" if threshold else ""

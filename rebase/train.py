@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from rebase import precision
 from rebase.config import TrainConfig
+from rebase.decontaminate import describe
 from rebase.errors import RebaseError
 from rebase.io import read_parquet
 from rebase.models import canonical_model_name, deepspeed_on_cpu, resolve_model
@@ -715,7 +716,8 @@ def lineage(data: Path) -> dict:
     transformed = data / "stats.json" if data.is_dir() else None
     if transformed and transformed.exists():
         stats = json.loads(transformed.read_text())
-        found["transformed"] = {key: stats.get(key) for key in ("teacher", "engine", "rows", "statuses", "retrieved")}
+        keys = ("teacher", "engine", "rows", "statuses", "retrieved", "contamination")
+        found["transformed"] = {key: stats.get(key) for key in keys}
         retrieved = Path(stats.get("retrieved") or "") / "stats.json"
         if retrieved.is_file():
             found["retrieved"] = json.loads(retrieved.read_text())
@@ -784,6 +786,12 @@ def _lineage_lines(found: dict) -> list[str]:
     if retrieved:
         lines.append(
             f"- retrieval: top {retrieved.get('top_k')} rows ({retrieved.get('mode')}), banned {retrieved.get('ban')}"
+        )
+    if transformed or retrieved:  # what was compared with the evaluation set, and what matched
+        lines.append(f"- decontamination, retrieval: {describe(retrieved.get('contamination'), 'retrieved rows')}")
+        lines.append(
+            f"- decontamination, transform: {describe(transformed.get('contamination'), 'generated inputs')} "
+            "Examples that copy one are never trained on."
         )
     datastore = found.get("datastore", {})
     if datastore:

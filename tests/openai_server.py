@@ -5,6 +5,7 @@ a small real server; the only thing it leaves out is everything a production ser
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -28,16 +29,21 @@ def _error(status: int, message: str) -> JSONResponse:
 
 class ChatServer:
     """Serves `model_name` on 127.0.0.1; `fail_with` holds status codes for the next generation requests
-    (a 1-token request, the client's start-up check, is never failed); `requests` counts every request."""
+    (a 1-token request, the client's start-up check, is never failed), answered with a `Retry-After` of
+    `retry_after` seconds when set; `requests` counts every request and `times` holds when each generation
+    request arrived (time.monotonic), to count requests per window."""
 
     def __init__(self, engine: TransformersEngine, model_name: str = "teacher", api_key: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.fail_with: list[int] = []
+        self.retry_after: float | None = None
+        self.times: list[float] = []
         self.requests = 0
         self.generation_requests = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the counters (held for no time: the event loop takes it)
+        self._model = threading.Lock()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         app = FastAPI()
@@ -58,6 +64,11 @@ class ChatServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
 
+    def _generate(self, prompt: str, params: GenerationParams):
+        with self._model:  # one generation at a time on the shared model
+            [completion] = self.engine.generate([prompt], params)
+        return completion
+
     async def _chat(self, request: Request, authorization: str | None = Header(None)):
         body = await request.json()
         with self._lock:
@@ -70,17 +81,21 @@ class ChatServer:
         if max_tokens > 1:
             with self._lock:
                 self.generation_requests += 1
+                self.times.append(time.monotonic())
                 status = self.fail_with.pop(0) if self.fail_with else None
             if status:
-                return _error(status, "injected failure")
+                response = _error(status, "injected failure")
+                if self.retry_after is not None:
+                    response.headers["retry-after"] = str(self.retry_after)
+                return response
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
         stop = body.get("stop")
         prompt = body["messages"][-1]["content"]
         params = GenerationParams(
             max_tokens, float(body.get("temperature") or 0), schema, [stop] if isinstance(stop, str) else stop
         )
-        with self._lock:  # one generation at a time on the shared model
-            [completion] = self.engine.generate([prompt], params)
+        # in a thread, so the server keeps taking (and timing) requests while one generates
+        completion = await asyncio.to_thread(self._generate, prompt, params)
         return {
             "id": f"chatcmpl-{self.requests}",
             "object": "chat.completion",

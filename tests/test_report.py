@@ -85,8 +85,10 @@ def _write_retrieve(out: Path) -> None:
         "match_kind": True,
         "kinds": ["words"],
         "off_kind": 2659,
+        "contamination": {"checked": True, "eval_inputs": 1000, "ngram": 13, "similarity_threshold": 0.9996,
+                          "contaminated": 3, "by_ngram": 3, "by_similarity": 0},
         "seconds": 3.25,
-    }
+    }  # fmt: skip
     (out / "stats.json").write_text(json.dumps(stats))
 
 
@@ -117,6 +119,10 @@ def _write_transform(out: Path) -> None:
     stats = {"task": "navigate", "teacher": "builtin:gemma3-270m", "engine": "transformers", "rows": len(records)}
     stats |= {"statuses": statuses, "reasons": {reasons[s]: n for s, n in statuses.items() if s in reasons}}
     stats |= {"gates": {"off task": 2, "near duplicate": 0, "inconsistent": 1}, "fit_threshold": 0.6989}
+    stats |= {"contamination": {"checked": False, "why": "decontamination is off"}}
+    stats |= {"cost": {"prompt_tokens": 120000, "completion_tokens": 30000, "price_input_per_million": 0.15,
+                       "price_output_per_million": 0.6, "usd": 0.036}}  # fmt: skip
+    stats |= {"rate_limits": {"rpm": 500, "tpm": None, "requests": 14, "waited_seconds": 1.5, "retry_after_pauses": 1}}
     (out / "stats.json").write_text(json.dumps(stats))
 
 
@@ -209,6 +215,13 @@ def test_markdown_shows_every_plot_and_the_headline(tmp_path):
     assert "task fit needs similarity 0.70 to the task's example inputs" in markdown
     assert "| off task | 2 |" in markdown and "| inconsistent | 1 |" in markdown
     assert "; 2,659 candidates left out as not words like the task's inputs." in markdown
+    assert (
+        "Compared with the task's 1,000 evaluation inputs: 3 retrieved rows copy one (3 by a 13-gram in common, "
+        "0 by embedding similarity of 0.9996 or more)." in markdown
+    )
+    assert "Not compared with the evaluation set: decontamination is off." in markdown
+    assert "requests cost $0.0360 (120,000 tokens in, 30,000 out, at 0.15 and 0.6 USD per million)" in markdown
+    assert "Rate limits rpm 500, tpm None: 14 requests, 1.5 s spent waiting for slots, 1 pauses for" in markdown
 
 
 def test_html_inlines_the_plots_and_escapes_row_text(tmp_path):

@@ -370,6 +370,75 @@ def test_openai_failures_are_kept_and_resent(retrieved, task_file, tmp_path, tin
         assert second.statuses.get("failed", 0) == 0
 
 
+@pytest.mark.slow
+def test_rate_limits_hold_across_the_pool_and_a_429_pauses_all_of_it(retrieved, task_file, tmp_path, tiny_engine):
+    """Eight prompts from two actors with four requests in flight each, under rpm 120 (a request every 0.5 s
+    for the pool): the server notes when each arrives. Its first answer is a 429 asking for 2 s: no request
+    from either actor arrives during them, the refused one is sent again, and the cost is what the
+    endpoint's usage says at the configured prices."""
+    from openai_server import ChatServer
+
+    with ChatServer(tiny_engine) as server:
+        server.fail_with, server.retry_after = [429], 2
+        out = tmp_path / "transformed"
+        limits = {"rpm": 120, "price_input_per_million": 1.5, "price_output_per_million": 6.0}
+        settings = {"engine": "openai", "base_url": server.base_url, "teacher": "teacher", "max_new_tokens": 32}
+        pool = {"concurrency": (2, 2), "request_concurrency": 4, "prompts_per_call": 4}
+        summary = transform(config(retrieved, task_file, out, **settings, **pool, **limits))
+        times = list(server.times)
+    assert summary.sent == 8 and summary.statuses.get("failed", 0) == 0
+    assert len(times) == 9  # eight, and the refused one again
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert gaps[0] >= 1.95, gaps  # the Retry-After held the whole pool
+    assert min(gaps) >= 0.45, gaps  # never two requests closer than rpm 120 allows, the retry included
+    assert (len(times) - 1) / (times[-1] - times[0]) * 60 <= 120
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rate_limits"]["rpm"] == 120 and stats["rate_limits"]["tpm"] is None
+    assert stats["rate_limits"]["requests"] == 9 and stats["rate_limits"]["retry_after_pauses"] == 1
+    answers = pq.read_table(out / "answers").to_pylist()
+    cost = stats["cost"]
+    assert cost["prompt_tokens"] == sum(a["prompt_tokens"] for a in answers) > 0
+    assert cost["completion_tokens"] == sum(a["completion_tokens"] for a in answers) > 0
+    assert cost["usd"] == pytest.approx((cost["prompt_tokens"] * 1.5 + cost["completion_tokens"] * 6.0) / 1e6, abs=1e-6)
+
+
+def test_dry_run_prints_the_prompts_tokens_and_cost_and_sends_nothing(retrieved, task_file, tmp_path):
+    from openai_server import ChatServer
+
+    with ChatServer(None) as server:
+        out = tmp_path / "transformed"
+        command = [sys.executable, "-m", "rebase", "transform", "--retrieved", str(retrieved), "--task"]
+        command += [str(task_file), "--out", str(out), "--engine", "openai", "--base-url", server.base_url]
+        command += ["--teacher", "teacher", "--max-new-tokens", "100", "--price-input-per-million", "2"]
+        command += ["--price-output-per-million", "8", "--limit", "5", "--dry-run"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert server.requests == 0  # not even the start-up check
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "dry run: 5 retrieved rows, 0 not sent (contaminated or the same prompt), 0 answered before; "
+        "5 prompts to send to teacher (openai)"
+    )
+    prompt_tokens = int(lines[1].split()[1].replace(",", ""))
+    assert lines[1].endswith("; at most 500 out (5 x max_new_tokens 100)") and "estimated at 4 characters" in lines[1]
+    cost_in, cost_out = prompt_tokens * 2 / 1e6, 500 * 8 / 1e6
+    assert lines[2].startswith(f"projected cost: ${cost_in:.4f} in + at most ${cost_out:.4f} out")
+    assert "first prompt:" in lines and REVIEWS[0] in result.stdout
+    assert not out.exists()  # nothing written, no lock taken
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--rpm", "0"), ("--tpm", "-5"), ("--price-input-per-million", "-1"), ("--rpm", "lots")]
+)
+def test_negative_limits_and_prices_are_one_line_and_exit_2(retrieved, task_file, tmp_path, flag, value):
+    command = [sys.executable, "-m", "rebase", "transform", "--retrieved", str(retrieved), "--task", str(task_file)]
+    command += ["--out", str(tmp_path / "out"), flag, value]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert flag.lstrip("-").replace("-", "_") in result.stderr or flag in result.stderr
+
+
 def test_openai_engine_refuses_a_bad_key_before_any_work(retrieved, task_file, tmp_path, monkeypatch):
     from openai_server import ChatServer
 

@@ -9,13 +9,16 @@
   `vllm_llm_kwargs` and `vllm_sampling_params`, which a contract check runs against the real package.
 - `openai`: any OpenAI-compatible endpoint (a vLLM server, a hosted API); a thread per request up to a
   concurrency limit; the official SDK retries 408/409/429/5xx, connection errors and timeouts with
-  exponential backoff; the key comes from an environment variable, never from a file or a flag.
+  exponential backoff, waiting what a 429's `Retry-After` asks; with `rpm`/`tpm` every request first
+  takes a slot from the pool's shared `RateLimiter` (`rebase.generate.limits`), and a 429 pauses the whole
+  pool; the key comes from an environment variable, never from a file or a flag.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Any, Protocol
 from rebase import precision
 from rebase.errors import RebaseError
 from rebase.generate.batching import ContinuousBatch, Event
+from rebase.generate.limits import estimate_tokens, retry_after
 
 
 @dataclass
@@ -59,9 +63,19 @@ def make_engine(kind: str, model: str, **options) -> Engine:
     if kind == "vllm":
         return VLLMEngine(model, **_pick(options, "gpu_memory_utilization", "max_model_len", "chat", "dtype"))
     if kind == "openai":
-        names = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "structured", "chat")
+        names = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "structured", "chat", "limiter")
         return OpenAIEngine(model, **_pick(options, *names))
     raise ValueError(f"unknown engine {kind}")
+
+
+def _retryable(error) -> bool:
+    """What the SDK itself retries: timeouts, dropped connections, 408, 409, 429 and 5xx."""
+    import openai
+
+    status = getattr(error, "status_code", None)
+    if status is None:
+        return isinstance(error, openai.APIConnectionError)  # APITimeoutError is one too
+    return status in (408, 409, 429) or status >= 500
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
@@ -251,12 +265,21 @@ class OpenAIEngine:
         timeout: float = 120.0,
         structured: bool = True,
         chat: bool | None = None,
+        limiter: Any = None,
     ):
-        from openai import OpenAI
+        from openai import DefaultHttpxClient, OpenAI
 
         # Local servers (vLLM, rebase serve without REBASE_API_KEY) accept any key; the SDK requires one.
         key = os.environ.get(api_key_env) or "unset"
-        self.client = OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout)
+        # `limiter`: the pool's RateLimiter actor; every answer the endpoint gives passes `_answered`, so a 429
+        # pauses all the pool's actors, not only the one whose request it was. With a limiter the retries are
+        # ours, so each takes a slot too; without one the SDK retries (408/409/429/5xx, honouring Retry-After).
+        hooks = {"response": [self._answered]} if limiter is not None else {}
+        http = DefaultHttpxClient(event_hooks=hooks) if hooks else None
+        sdk_retries = 0 if limiter is not None else max_retries
+        self.client = OpenAI(base_url=base_url, api_key=key, max_retries=sdk_retries, timeout=timeout, http_client=http)
+        self.limiter = limiter
+        self.max_retries = max_retries
         self.model = model
         self.concurrency = concurrency
         self.structured = structured
@@ -305,21 +328,51 @@ class OpenAIEngine:
             }
         if params.stop:
             options["stop"] = params.stop
-        try:
-            response = self._request(
-                self.client, prompt, max_tokens=params.max_new_tokens, temperature=params.temperature, **options
-            )
-        except openai.APIError as error:  # retries exhausted, or a request the endpoint refuses
-            status = getattr(error, "status_code", None)
-            return Completion("", 0, 0, "error", error=f"{type(error).__name__}{f' {status}' if status else ''}")
+        estimated = estimate_tokens(prompt, params.max_new_tokens)
+        for attempt in range(self.max_retries + 1):
+            if self.limiter is not None:
+                self._wait_for_slot(estimated)
+            try:
+                response = self._request(
+                    self.client, prompt, max_tokens=params.max_new_tokens, temperature=params.temperature, **options
+                )
+                break
+            except openai.APIError as error:  # retries exhausted, or a request the endpoint refuses
+                if self.limiter is None or attempt == self.max_retries or not _retryable(error):
+                    status = getattr(error, "status_code", None)
+                    why = f"{type(error).__name__}{f' {status}' if status else ''}"
+                    return Completion("", 0, 0, "error", error=why)
+                refused = getattr(error, "response", None)
+                if refused is None or retry_after(refused.headers) is None:  # else the pool is paused already
+                    time.sleep(min(8.0, 0.5 * 2**attempt))
         choice = response.choices[0]
         usage = response.usage
+        if self.limiter is not None and usage:
+            self.limiter.settle.remote(estimated, usage.prompt_tokens + usage.completion_tokens)
         return Completion(
             text=(choice.message.content if self.chat else choice.text) or "",
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
         )
+
+    def _wait_for_slot(self, tokens: int) -> None:
+        """Take a slot from the pool's rate limiter and wait for it (again, if a 429 paused the pool meanwhile)."""
+        import ray
+
+        wait, pauses = ray.get(self.limiter.reserve.remote(tokens))
+        while True:
+            time.sleep(wait)
+            wait, pauses = ray.get(self.limiter.confirm.remote(tokens, pauses))
+            if wait == 0.0:
+                return
+
+    def _answered(self, response) -> None:
+        """httpx's response hook: a 429 or 503 with `Retry-After` pauses the pool's every actor that long."""
+        if response.status_code in (429, 503):
+            seconds = retry_after(response.headers)
+            if seconds is not None:
+                self.limiter.pause.remote(seconds)
 
     @property
     def _route(self) -> str:

@@ -8,7 +8,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +45,11 @@ class GenerationRun:
     seconds: float
     prompt_tokens: int
     completion_tokens: int
+    sent_prompt_tokens: int = 0  # of the prompts sent in this run only: what this run cost
+    sent_completion_tokens: int = 0
 
     def __add__(self, other: GenerationRun) -> GenerationRun:
-        return GenerationRun(
-            self.sent + other.sent,
-            self.cached + other.cached,
-            self.seconds + other.seconds,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-        )
+        return GenerationRun(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 class GenerationPool:
@@ -119,7 +115,22 @@ class GenerationPool:
         weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) if config.engine != "openai" else 0
         self.memory = int(2 * weights + 2**30) if weights else None
         self.cpus = 0.25 if config.engine == "openai" else 1  # an endpoint client mostly waits
+        self.limiter = None
+        if config.engine == "openai" and (config.rpm or config.tpm):
+            from rebase.generate.limits import RateLimiter
+
+            # one for the pool, every pass (transform, judge, consistency) and actor drawing on it
+            self.limiter = ray.remote(num_cpus=0)(RateLimiter).remote(config.rpm, config.tpm)
+            self.engine_options["limiter"] = self.limiter
         self._ready = True
+
+    def limits(self) -> dict | None:
+        """The rate limiter's counts (requests, seconds waited, pauses for Retry-After), or None without one."""
+        if getattr(self, "limiter", None) is None:
+            return None
+        import ray
+
+        return {"rpm": self.config.rpm, "tpm": self.config.tpm, **ray.get(self.limiter.report.remote())}
 
     def answer(
         self, prompts: dict[str, str], cache: Path, params: GenerationParams, what: str
@@ -158,12 +169,15 @@ class GenerationPool:
             seconds = time.monotonic() - started
         lost = {"error": "no answer came back from the engine"}  # kept as failed; a re-run sends it again
         result = {h: answers.get(h) or failed.get(h, lost) for h in prompts}
+        sent = [result[h] for h in pending]
         run = GenerationRun(
             sent=len(pending),
             cached=len(prompts) - len(pending),
             seconds=seconds,
             prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in result.values()),
             completion_tokens=sum(a.get("completion_tokens") or 0 for a in result.values()),
+            sent_prompt_tokens=sum(a.get("prompt_tokens") or 0 for a in sent),
+            sent_completion_tokens=sum(a.get("completion_tokens") or 0 for a in sent),
         )
         return result, run
 

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rebase import decontaminate
 from rebase.datastore.manifest import Manifest, check_complete, read_manifest
+from rebase.decontaminate import EvalSet, eval_inputs, settings
 from rebase.errors import RebaseError
 from rebase.io import embeddings_to_numpy, write_parquet_atomic
 from rebase.models import canonical_model_name, resolve_model
@@ -50,14 +53,17 @@ class RetrieveSummary:
     score_range: tuple[float, float]
     seconds: float
     mode: str
+    contaminated: int = 0
 
     def line(self) -> str:
         """The stage's one-line summary."""
         top = ", ".join(f"{d} ({n})" for d, n in self.top_datasets[:5])
         low, high = self.score_range
+        copies = f"; {self.contaminated:,} copy an evaluation input (never sent to the teacher)"
         return (
             f"retrieved {self.rows:,} of top-{self.top_k:,} rows ({self.mode}) from {self.datasets} datasets into "
-            f"{self.out}; top datasets: {top}; scores {low:.3f} to {high:.3f}; {self.seconds:.1f} s"
+            f"{self.out}; top datasets: {top}; scores {low:.3f} to {high:.3f}"
+            f"{copies if self.contaminated else ''}; {self.seconds:.1f} s"
         )
 
 
@@ -95,8 +101,10 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
             score_range=tuple(done["score_range"]),
             seconds=time.monotonic() - started,
             mode=f"{mode}, already done",
+            contaminated=(done.get("contamination") or {}).get("contaminated", 0),
         )
-    query = _task_query(task, manifest)
+    encode = _encoder(manifest)
+    query = task_query(task, encode)
     similarities = description_similarities(config.datastore, query, manifest.embedder.dimension)
     for ban in task.ban:
         if not any(is_banned(d, [ban]) for d in similarities):
@@ -114,6 +122,7 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
             raise RebaseError(f"no row of {config.datastore} is of the kind of the task's inputs ({', '.join(kinds)})")
     selected = best_rows(candidates, config.top_k, config.per_dataset_cap)
     texts = texts or _row_texts(config.datastore, selected.row_uid.tolist())
+    contamination, contaminated = _contamination(config, task, encode, [texts[u] for u in selected.row_uid.tolist()])
     top_datasets = Counter(selected.dataset_id.tolist()).most_common()
     score_range = (float(selected.score.min()), float(selected.score.max()))
     stats = {
@@ -128,6 +137,7 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
         "match_kind": config.match_kind,
         "kinds": kinds,
         "off_kind": off_kind,
+        "contamination": contamination,
         "rows": len(selected),
         "datasets": dict(top_datasets),
         "score_range": score_range,
@@ -135,10 +145,18 @@ def retrieve(config: RetrieveConfig, task: TaskSpec) -> RetrieveSummary:
         "seconds": round(time.monotonic() - started, 2),
     }
     with stage.writing():
-        _write_retrieved(texts, stage, selected, stats)
+        _write_retrieved(texts, stage, selected, stats, contaminated)
     seconds = time.monotonic() - started
     return RetrieveSummary(
-        config.out, config.top_k, len(selected), len(top_datasets), top_datasets, score_range, seconds, mode
+        config.out,
+        config.top_k,
+        len(selected),
+        len(top_datasets),
+        top_datasets,
+        score_range,
+        seconds,
+        mode,
+        contamination.get("contaminated", 0),
     )
 
 
@@ -169,16 +187,38 @@ def _fingerprint(config: RetrieveConfig, task: TaskSpec, manifest: Manifest) -> 
         config.pool_factor,
         None if exact else config.dataset_rows,
         *(["match_kind"] if config.match_kind else []),  # absent when off: retrievals made before stay valid
+        *([settings(config)] if config.decontaminate else []),
     ]
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
 
-def _task_query(task: TaskSpec, manifest: Manifest) -> TaskQuery:
-    """The task's query vectors, embedded with the datastore's embedder."""
+def _encoder(manifest: Manifest) -> Callable[[list[str]], np.ndarray]:
+    """Texts -> unit vectors with the datastore's embedder (the task's queries, the decontamination)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(resolve_model(manifest.embedder.name)), device=None)
-    return task_query(task, lambda texts: model.encode(texts, normalize_embeddings=True, convert_to_numpy=True))
+    return lambda texts: model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def _contamination(
+    config: RetrieveConfig, task: TaskSpec, encode: Callable[[list[str]], np.ndarray], rows: list[str]
+) -> tuple[dict, list[str | None]]:
+    """Each kept row compared with the task's evaluation set: its stats and, per row, why it matches or
+    None. A row matches when its text (its values joined) shares a long n-gram with an evaluation input, or
+    one of its values is a near-duplicate of one."""
+    if not config.decontaminate:
+        return {"checked": False, "why": "decontamination is off"}, [None] * len(rows)
+    inputs = eval_inputs(task)
+    if not inputs:
+        return decontaminate.summary(None, []), [None] * len(rows)
+    eval_set = EvalSet.build(inputs, encode, config.contamination_ngram, config.contamination_similarity)
+    reasons = [eval_set.overlap(row_text(row)) for row in rows]
+    values = [[str(v) for v in json.loads(row).values() if v is not None and str(v).strip()] for row in rows]
+    distinct = sorted({value for n, row in enumerate(values) if reasons[n] is None for value in row})
+    near = dict(zip(distinct, eval_set.near(encode(distinct)))) if distinct else {}
+    for n, row in enumerate(values):
+        reasons[n] = reasons[n] or next((near[value] for value in row if near.get(value)), None)
+    return decontaminate.summary(eval_set, reasons), reasons
 
 
 def description_similarities(datastore: Path, query: TaskQuery, dimension: int) -> dict[str, float]:
@@ -214,8 +254,11 @@ def _row_texts(datastore: Path, row_uids: list[str]) -> dict[str, str]:
     return rows
 
 
-def _write_retrieved(rows: dict[str, str], stage: StageDir, selected: Candidates, stats: dict) -> None:
-    """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row), stats.json."""
+def _write_retrieved(
+    rows: dict[str, str], stage: StageDir, selected: Candidates, stats: dict, contaminated: list[str | None]
+) -> None:
+    """The retrieved directory: rows.parquet (rank, ids, the three partial scores, the row, whether and why
+    it copies an evaluation input), stats.json."""
     uids = pa.array(selected.row_uid.tolist(), pa.string())
     table = pa.table(
         {
@@ -227,6 +270,8 @@ def _write_retrieved(rows: dict[str, str], stage: StageDir, selected: Candidates
             "output_score": pa.array(selected.output, pa.float32()),
             "description_score": pa.array(selected.description, pa.float32()),
             "row": pa.array([rows[u] for u in uids.to_pylist()], pa.string()),
+            "contaminated": pa.array([reason is not None for reason in contaminated], pa.bool_()),
+            "contamination": pa.array(contaminated, pa.string()),
         }
     )
     stage.begin(stats["fingerprint"])

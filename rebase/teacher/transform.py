@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rebase import precision
+from rebase import decontaminate, precision
 from rebase.config import TransformConfig
+from rebase.decontaminate import CONTAMINATED, EvalSet, eval_inputs
+from rebase.decontaminate import settings as decontamination_settings
 from rebase.errors import RebaseError
 from rebase.generate.engines import GenerationParams
 from rebase.generate.pool import GenerationPool, GenerationRun
@@ -67,7 +69,7 @@ class TransformSummary:
     generation_seconds: float = 0.0
 
     def line(self) -> str:
-        order = ["ok", "rejected", "duplicate", "parse_error", "failed"]
+        order = ["ok", "rejected", "duplicate", "contaminated", "parse_error", "failed"]
         statuses = ", ".join(f"{self.statuses[s]} {s}" for s in order if self.statuses.get(s))
         reasons = "; ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items(), key=lambda i: -i[1]))
         rate = f", {self.sent / self.generation_seconds:.2f} examples/s" if self.generation_seconds else ""
@@ -79,17 +81,22 @@ class TransformSummary:
         )
 
 
-def transform(config: TransformConfig) -> TransformSummary:
-    """Turn the retrieved rows into task examples with the teacher; resumable, every row accounted for."""
-    started = time.monotonic()
-    task = load_task(config.task)
-    rows = read_retrieved(config.retrieved, config.limit)
-    settings = {
+def _settings(config: TransformConfig) -> dict:
+    """The generation settings a teacher answer's prompt hash holds."""
+    return {
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
         "constrained": config.constrained,
         **precision.hashed(config.dtype, config.engine),
     }
+
+
+def transform(config: TransformConfig) -> TransformSummary:
+    """Turn the retrieved rows into task examples with the teacher; resumable, every row accounted for."""
+    started = time.monotonic()
+    task = load_task(config.task)
+    rows = read_retrieved(config.retrieved, config.limit)
+    settings = _settings(config)
     fingerprint = _fingerprint(task, config, settings)
     out = config.out
     stage = StageDir(out, "a rebase transform", _OWN_FILES)
@@ -99,9 +106,13 @@ def transform(config: TransformConfig) -> TransformSummary:
         params = GenerationParams(config.max_new_tokens, config.temperature, schema)
         prompts = [transform_prompt(task, json.loads(row["row"]), config.max_value_chars) for row in rows]
         hashes = [prompt_hash(prompt, config.teacher, settings) for prompt in prompts]
+        # a retrieved row that copies an evaluation input is never handed to the teacher
+        sent = [not (config.decontaminate and row["contamination"]) for row in rows]
+        clean = {h: prompt for h, prompt, send in zip(hashes, prompts, sent) if send}
         teacher = GenerationPool(config, config.teacher)
-        answers, run = teacher.answer(dict(zip(hashes, prompts)), out / "answers", params, "transform")
-        records = check_records(task, [{"row_uid": row["row_uid"], **answers[h]} for row, h in zip(rows, hashes)])
+        answers, run = teacher.answer(clean, out / "answers", params, "transform")
+        records = check_records(task, [_answered(row, answers.get(h)) for row, h in zip(rows, hashes)])
+        contamination = _decontaminate(config, task, records, rows)
         threshold = _embedding_gates(config, task, records)
         if config.judge:
             judged = [n for n, record in enumerate(records) if record["status"] == "ok"]
@@ -138,6 +149,7 @@ def transform(config: TransformConfig) -> TransformSummary:
             },
             "gates": gates.gate_counts(records),
             "fit_threshold": None if threshold is None else round(threshold, 4),
+            "contamination": contamination,
             "limit": config.limit,
             "fingerprint": fingerprint,
             "rows": len(records),
@@ -148,6 +160,8 @@ def transform(config: TransformConfig) -> TransformSummary:
             "prompt_tokens": run.prompt_tokens,
             "completion_tokens": run.completion_tokens,
             "generation_seconds": round(run.seconds, 2),
+            "cost": _cost(config, run.sent_prompt_tokens, run.sent_completion_tokens),
+            "rate_limits": teacher.limits(),
             "seconds": round(time.monotonic() - started, 2),
         }
         stage.begin(fingerprint)
@@ -167,6 +181,79 @@ def transform(config: TransformConfig) -> TransformSummary:
         )
 
 
+def _cost(config: TransformConfig, prompt_tokens: int, completion_tokens: int) -> dict | None:
+    """What this run's requests cost at the configured prices (answers cached before cost nothing now)."""
+    prices = (config.price_input_per_million, config.price_output_per_million)
+    if prices == (None, None):
+        return None
+    usd = (prompt_tokens * (prices[0] or 0.0) + completion_tokens * (prices[1] or 0.0)) / 1e6
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "price_input_per_million": prices[0],
+        "price_output_per_million": prices[1],
+        "usd": round(usd, 6),
+    }
+
+
+def dry_run(config: TransformConfig) -> str:
+    """What `rebase transform` would send, without calling the teacher or writing anything: the prompts of
+    the first pass not answered before, their tokens, the most they may generate and, with prices, the
+    projected cost; then the first prompt in full."""
+    from rebase.generate.pool import _read_answers
+
+    task = load_task(config.task)
+    rows = read_retrieved(config.retrieved, config.limit)
+    settings = _settings(config)
+    prompts = {}
+    for row in rows:
+        if not (config.decontaminate and row["contamination"]):
+            prompt = transform_prompt(task, json.loads(row["row"]), config.max_value_chars)
+            prompts.setdefault(prompt_hash(prompt, config.teacher, settings), prompt)
+    answered = _read_answers(config.out / "answers")
+    pending = [prompt for h, prompt in prompts.items() if h not in answered]
+    count, how = _token_counter(config)
+    prompt_tokens = sum(count(prompt) for prompt in pending)
+    most_out = len(pending) * config.max_new_tokens
+    lines = [
+        f"dry run: {len(rows):,} retrieved rows, {len(rows) - len(prompts):,} not sent (contaminated or the same "
+        f"prompt), {len(prompts) - len(pending):,} answered before; {len(pending):,} prompts to send to "
+        f"{config.teacher} ({config.engine})",
+        f"tokens: {prompt_tokens:,} in ({how}); at most {most_out:,} out ({len(pending):,} x max_new_tokens "
+        f"{config.max_new_tokens})",
+    ]
+    cost_in, cost_out = _cost(config, prompt_tokens, 0), _cost(config, 0, most_out)
+    if cost_in is not None:
+        lines.append(
+            f"projected cost: ${cost_in['usd']:.4f} in + at most ${cost_out['usd']:.4f} out = at most "
+            f"${cost_in['usd'] + cost_out['usd']:.4f} (prices per million tokens: "
+            f"{config.price_input_per_million} in, {config.price_output_per_million} out)"
+        )
+    else:
+        lines.append("projected cost: no prices set (--price-input-per-million, --price-output-per-million)")
+    if config.judge or config.consistency:
+        passes = " and ".join(p for p, on in (("the judge", config.judge), ("consistency", config.consistency)) if on)
+        lines.append(f"not counted: {passes} asks again for each record that passes (at most as many prompts)")
+    if pending:
+        lines += ["", "first prompt:", pending[0]]
+    return "\n".join(lines)
+
+
+def _token_counter(config: TransformConfig):
+    """Count a prompt's tokens with the teacher's tokenizer where it is local, else estimate them."""
+    from rebase.generate.limits import CHARS_PER_TOKEN
+
+    if config.engine != "openai":
+        from transformers import AutoTokenizer
+
+        from rebase.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(config.teacher)))
+        return (lambda text: len(tokenizer(text)["input_ids"])), f"{config.teacher}'s tokenizer"
+    estimate = f"estimated at {CHARS_PER_TOKEN} characters a token: a hosted model's tokenizer is not at hand"
+    return (lambda text: len(text) // CHARS_PER_TOKEN + 1), estimate
+
+
 def read_retrieved(directory: Path, limit: int | None = None) -> list[dict]:
     """The retrieved rows best first (at most `limit`); one clear error when the directory is not one."""
     path = Path(directory) / "rows.parquet"
@@ -174,7 +261,10 @@ def read_retrieved(directory: Path, limit: int | None = None) -> list[dict]:
         raise RebaseError(
             f"{directory} is not a finished retrieval (no _SUCCESS and rows.parquet); run rebase retrieve"
         )
-    table = read_parquet(path, columns=["rank", "row_uid", "dataset_id", "row"]).sort_by("rank")
+    table = read_parquet(path).sort_by("rank")
+    if "contamination" not in table.column_names:  # a retrieval made before decontamination
+        table = table.append_column("contamination", pa.nulls(table.num_rows, pa.string()))
+    table = table.select(["rank", "row_uid", "dataset_id", "row", "contamination"])
     if limit is not None:
         table = table.slice(0, limit)
     if not table.num_rows:
@@ -201,6 +291,7 @@ def _fingerprint(task: TaskSpec, config: TransformConfig, settings: dict) -> str
         "max_value_chars": config.max_value_chars,
         "judge": config.judge,
         "gates": _gate_settings(config),
+        **({"decontaminate": decontamination_settings(config)} if config.decontaminate else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -243,6 +334,42 @@ def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict
     return threshold
 
 
+def _answered(row: dict, answer: dict | None) -> dict:
+    """What check_records reads for a row: the teacher's answer, or none for a row never sent (contaminated)."""
+    if answer is None:
+        return {"row_uid": row["row_uid"], "error": f"{CONTAMINATED}: not sent"}  # _decontaminate says why
+    return {"row_uid": row["row_uid"], **answer}
+
+
+def _decontaminate(config: TransformConfig, task: TaskSpec, records: list[dict], rows: list[dict]) -> dict:
+    """Retrieved rows that copy an evaluation input (never sent) and ok examples whose generated input does
+    get the status `contaminated`, with the evaluation input they match. Returns stats.json's summary."""
+    unsent = 0
+    for record, row in zip(records, rows):
+        if config.decontaminate and row["contamination"]:
+            record.update(status=CONTAMINATED, reason=f"{CONTAMINATED}: the retrieved row: {row['contamination']}")
+            unsent += 1
+    if not config.decontaminate:
+        return {"checked": False, "why": "decontamination is off"}
+    inputs = eval_inputs(task)
+    if not inputs:
+        return decontaminate.summary(None, [])
+    from rebase.datastore.embed import Embedder
+    from rebase.models import resolve_model
+
+    embedder = Embedder(str(resolve_model(config.embedder)), threads=config.threads)
+    eval_set = EvalSet.build(inputs, embedder.encode, config.contamination_ngram, config.contamination_similarity)
+    ok = [record for record in records if record["status"] == "ok"]
+    texts = [record["input"] for record in ok]
+    reasons = eval_set.match(texts, embedder.encode(texts), within=False) if texts else []
+    for record, reason in zip(ok, reasons):
+        if reason:
+            record.update(status=CONTAMINATED, reason=f"{CONTAMINATED}: the generated input: {reason}")
+    stats = decontaminate.summary(eval_set, reasons)
+    stats["rows_not_sent"] = unsent
+    return stats
+
+
 def _consistency_gate(
     config: TransformConfig, task: TaskSpec, records: list[dict], teacher: GenerationPool, settings: dict
 ) -> GenerationRun:
@@ -274,6 +401,8 @@ def _apply_verdict(record: dict, answer: dict) -> None:
 
 def _reason_kind(reason: str) -> str:
     """A reason without its specifics, for counting ("answer 'Maybe' is not ..." -> "answer is not ...")."""
+    if reason.startswith(CONTAMINATED):  # "contaminated: the retrieved row" or "...: the generated input"
+        return ":".join(reason.split(":")[:2])
     gate = next((gate for gate in gates.GATES if reason.startswith(gate)), None)
     if gate:
         return gate
