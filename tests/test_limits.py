@@ -6,7 +6,20 @@ from __future__ import annotations
 
 import pytest
 
+from rebase.generate import limits
 from rebase.generate.limits import RateLimiter, estimate_tokens, retry_after
+
+
+@pytest.fixture(autouse=True)
+def _exact_pacing(monkeypatch):
+    """The pacing arithmetic on round numbers: the limits themselves, without the headroom."""
+    monkeypatch.setattr(limits, "HEADROOM", 1.0)
+
+
+def test_slots_keep_a_headroom_under_the_limits(monkeypatch):
+    monkeypatch.setattr(limits, "HEADROOM", 0.97)
+    limiter = RateLimiter(rpm=60, tpm=None, clock=Clock())
+    assert limiter.reserve(1)[0] == 0.0 and limiter.reserve(1)[0] == pytest.approx(60 / 58.2)
 
 
 class Clock:

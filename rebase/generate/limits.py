@@ -4,7 +4,7 @@ A hosted endpoint limits requests per minute (`rpm`) and tokens per minute (`tpm
 `max_tokens`, as OpenAI counts them before a request runs). One `RateLimiter` (a Ray actor with no CPU)
 serves all the pool's actors: each request reserves its slot before it is sent and waits until then, so
 the limits hold for the pool as a whole however many actors the pool scales to. Slots are paced evenly
-(no burst): with `rpm` 60 a request leaves every second, and no 60-second window holds more than 60.
+(no burst) at `HEADROOM` (97%) of the limits: with `rpm` 60 a request leaves every 1.03 s.
 A request waits for its slot, then confirms it: a pause asked for meanwhile voids the slot.
 A request's tokens are estimated before it goes (`estimate_tokens`) and settled with the usage the
 endpoint reports. A 429 answer's `Retry-After` pauses every actor (the SDK retries that request after it).
@@ -16,6 +16,10 @@ import time
 from collections.abc import Callable
 
 CHARS_PER_TOKEN = 4  # a prompt's tokens estimated from its length, where no tokenizer of the model is at hand
+# Slots are paced at this share of the limits: arrival times jitter by milliseconds and a prompt's tokens are
+# only estimated until the endpoint reports them, and paced at 100% the endpoint saw 1.003-1.017x the setting
+# (benchmarks/rate_limit.py, RESULTS.md)
+HEADROOM = 0.97
 
 
 def estimate_tokens(prompt: str, max_tokens: int) -> int:
@@ -28,8 +32,8 @@ class RateLimiter:
     """Slots for requests under `rpm` requests and `tpm` tokens per minute (None: no limit of that kind)."""
 
     def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic):
-        self.request_seconds = 60.0 / rpm if rpm else 0.0
-        self.token_seconds = 60.0 / tpm if tpm else 0.0
+        self.request_seconds = 60.0 / (rpm * HEADROOM) if rpm else 0.0
+        self.token_seconds = 60.0 / (tpm * HEADROOM) if tpm else 0.0
         self.clock = clock
         self.next_request = self.next_tokens = self.paused_until = float("-inf")
         self.waited = 0.0
