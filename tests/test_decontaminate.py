@@ -10,15 +10,14 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from test_gates import _plant, unit
 
 from rebase.config import DatastoreConfig, RetrieveConfig, TransformConfig, build_config
 from rebase.datastore import build_datastore
 from rebase.decontaminate import SIMILARITY_FLOOR, EvalSet, derived_threshold, describe
-from rebase.generate.pool import ANSWER_SCHEMA
 from rebase.retrieve import retrieve_stage
 from rebase.task import load_task
 from rebase.teacher import transform
@@ -51,11 +50,6 @@ TASK = {
     "labels": ["yes", "no"],
     "ban": ["files/own_eval"],
 }
-
-
-def unit(*rows: list[float]) -> np.ndarray:
-    vectors = np.array(rows, dtype=np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------------ the evaluation set on hand-made inputs
@@ -166,16 +160,6 @@ def test_retrieve_without_decontamination_marks_nothing(leaky):
     rows, stats = _retrieve(leaky, "open", decontaminate=False)
     assert not any(row["contaminated"] for row in rows)
     assert stats["contamination"] == {"checked": False, "why": "decontamination is off"}
-
-
-def _plant(directory, answers: dict[str, str]) -> None:
-    directory.mkdir(parents=True)
-    rows = [
-        {"prompt_hash": h, "text": text, "prompt_tokens": 100, "completion_tokens": 50, "finish_reason": "stop",
-         "seconds": 0.1}
-        for h, text in answers.items()
-    ]  # fmt: skip
-    pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), directory / "part-planted.parquet")
 
 
 def test_transform_never_sends_contaminated_rows_and_flags_copied_generations(leaky):
