@@ -21,6 +21,7 @@ and gives a matching generated example the status `contaminated`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -80,6 +81,18 @@ class EvalSet:
         0.953 to eval input '...'"), or None for a clean one. `vectors`: the texts' unit vectors."""
         near = self.near(vectors)
         return [self.overlap(text, within) or reason for text, reason in zip(texts, near)]
+
+    def match_rows(self, rows: list[str], encode: Callable[[list[str]], np.ndarray]) -> list[str | None]:
+        """Per stored row (a JSON object), why it copies an evaluation input, or None: its text (its values
+        joined) shares a long n-gram with one or holds a whole short one, or one of its values is a
+        near-duplicate of one. Only the values of rows the n-grams leave are embedded, each once."""
+        values = [[str(v) for v in json.loads(row).values() if v is not None and str(v).strip()] for row in rows]
+        reasons = [self.overlap(" ".join(row)) for row in values]
+        distinct = sorted({value for n, row in enumerate(values) if reasons[n] is None for value in row})
+        near = dict(zip(distinct, self.near(encode(distinct)))) if distinct else {}
+        for n, row in enumerate(values):
+            reasons[n] = reasons[n] or next((near[value] for value in row if near.get(value)), None)
+        return reasons
 
     def near(self, vectors: np.ndarray) -> list[str | None]:
         """Per vector, "similarity S to eval input '...'" where S reaches the threshold, else None."""

@@ -212,12 +212,7 @@ def _contamination(
     if not inputs:
         return decontaminate.summary(None, []), [None] * len(rows)
     eval_set = EvalSet.build(inputs, encode, config.contamination_ngram, config.contamination_similarity)
-    reasons = [eval_set.overlap(row_text(row)) for row in rows]
-    values = [[str(v) for v in json.loads(row).values() if v is not None and str(v).strip()] for row in rows]
-    distinct = sorted({value for n, row in enumerate(values) if reasons[n] is None for value in row})
-    near = dict(zip(distinct, eval_set.near(encode(distinct)))) if distinct else {}
-    for n, row in enumerate(values):
-        reasons[n] = reasons[n] or next((near[value] for value in row if near.get(value)), None)
+    reasons = eval_set.match_rows(rows, encode)
     return decontaminate.summary(eval_set, reasons), reasons
 
 
