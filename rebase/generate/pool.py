@@ -60,6 +60,7 @@ class GenerationPool:
         self.config = config
         self.model = model
         self.chat = chat
+        self.limiter = None  # the pool's RateLimiter actor, made by _prepare when rpm or tpm is set
         self._ready = False
 
     def _prepare(self) -> None:
@@ -115,7 +116,6 @@ class GenerationPool:
         weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) if config.engine != "openai" else 0
         self.memory = int(2 * weights + 2**30) if weights else None
         self.cpus = 0.25 if config.engine == "openai" else 1  # an endpoint client mostly waits
-        self.limiter = None
         if config.engine == "openai" and (config.rpm or config.tpm):
             from rebase.generate.limits import RateLimiter
 
@@ -126,7 +126,7 @@ class GenerationPool:
 
     def limits(self) -> dict | None:
         """The rate limiter's counts (requests, seconds waited, pauses for Retry-After), or None without one."""
-        if getattr(self, "limiter", None) is None:
+        if self.limiter is None:
             return None
         import ray
 

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from rebase import decontaminate, precision
@@ -106,14 +107,13 @@ def transform(config: TransformConfig) -> TransformSummary:
         params = GenerationParams(config.max_new_tokens, config.temperature, schema)
         prompts = [transform_prompt(task, json.loads(row["row"]), config.max_value_chars) for row in rows]
         hashes = [prompt_hash(prompt, config.teacher, settings) for prompt in prompts]
-        # a retrieved row that copies an evaluation input is never handed to the teacher
-        sent = [not (config.decontaminate and row["contamination"]) for row in rows]
-        clean = {h: prompt for h, prompt, send in zip(hashes, prompts, sent) if send}
+        clean = {h: prompt for row, h, prompt in zip(rows, hashes, prompts) if not _withheld(config, row)}
         teacher = GenerationPool(config, config.teacher)
         answers, run = teacher.answer(clean, out / "answers", params, "transform")
         records = check_records(task, [_answered(row, answers.get(h)) for row, h in zip(rows, hashes)])
-        contamination = _decontaminate(config, task, records, rows)
-        threshold = _embedding_gates(config, task, records)
+        vectors = _Vectors(config)  # one embedder for both checks, each generated input encoded once
+        contamination = _decontaminate(config, task, records, rows, vectors)
+        threshold = _embedding_gates(config, task, records, vectors)
         if config.judge:
             judged = [n for n, record in enumerate(records) if record["status"] == "ok"]
             judge_prompts = [judge_prompt(task, records[n]) for n in judged]
@@ -207,7 +207,7 @@ def dry_run(config: TransformConfig) -> str:
     settings = _settings(config)
     prompts = {}
     for row in rows:
-        if not (config.decontaminate and row["contamination"]):
+        if not _withheld(config, row):
             prompt = transform_prompt(task, json.loads(row["row"]), config.max_value_chars)
             prompts.setdefault(prompt_hash(prompt, config.teacher, settings), prompt)
     answered = _read_answers(config.out / "answers")
@@ -307,7 +307,33 @@ def _gate_settings(config: TransformConfig) -> dict:
     }
 
 
-def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict]) -> float | None:
+def _withheld(config: TransformConfig, row: dict) -> bool:
+    """A retrieved row that copies an evaluation input is never handed to the teacher."""
+    return bool(config.decontaminate and row["contamination"])
+
+
+class _Vectors:
+    """The transform's embedder (`config.embedder`), loaded when first needed: texts -> unit vectors, each
+    distinct text encoded once however many checks ask for it."""
+
+    def __init__(self, config: TransformConfig):
+        self.config = config
+        self.embedder = None
+        self.known: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.embedder is None:
+            from rebase.datastore.embed import Embedder
+            from rebase.models import resolve_model
+
+            self.embedder = Embedder(str(resolve_model(self.config.embedder)), threads=self.config.threads)
+        missing = [text for text in dict.fromkeys(texts) if text not in self.known]
+        if missing:
+            self.known.update(zip(missing, self.embedder.encode(missing)))
+        return np.stack([self.known[text] for text in texts])
+
+
+def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict], embed: _Vectors) -> float | None:
     """The gates that need no second teacher pass: reasoning that contradicts its answer, then (on the
     inputs' embeddings) inputs off the task and near duplicates. Returns the task-fit threshold used
     (None when a single example leaves nothing to derive it from)."""
@@ -319,12 +345,8 @@ def _embedding_gates(config: TransformConfig, task: TaskSpec, records: list[dict
     ok = [record for record in records if record["status"] == "ok"]
     if not ok:
         return config.fit_threshold
-    from rebase.datastore.embed import Embedder
-    from rebase.models import resolve_model
-
-    embedder = Embedder(str(resolve_model(config.embedder)), threads=config.threads)
-    vectors = embedder.encode([record["input"] for record in ok])
-    example_vectors = embedder.encode([example.input for example in task.examples])
+    vectors = embed([record["input"] for record in ok])
+    example_vectors = embed([example.input for example in task.examples])
     threshold = config.fit_threshold
     if threshold is None:
         threshold = gates.fit_threshold(example_vectors, config.fit_margin)
@@ -341,12 +363,14 @@ def _answered(row: dict, answer: dict | None) -> dict:
     return {"row_uid": row["row_uid"], **answer}
 
 
-def _decontaminate(config: TransformConfig, task: TaskSpec, records: list[dict], rows: list[dict]) -> dict:
+def _decontaminate(
+    config: TransformConfig, task: TaskSpec, records: list[dict], rows: list[dict], embed: _Vectors
+) -> dict:
     """Retrieved rows that copy an evaluation input (never sent) and ok examples whose generated input does
     get the status `contaminated`, with the evaluation input they match. Returns stats.json's summary."""
     unsent = 0
     for record, row in zip(records, rows):
-        if config.decontaminate and row["contamination"]:
+        if _withheld(config, row):
             record.update(status=CONTAMINATED, reason=f"{CONTAMINATED}: the retrieved row: {row['contamination']}")
             unsent += 1
     if not config.decontaminate:
@@ -354,14 +378,10 @@ def _decontaminate(config: TransformConfig, task: TaskSpec, records: list[dict],
     inputs = eval_inputs(task)
     if not inputs:
         return decontaminate.summary(None, [])
-    from rebase.datastore.embed import Embedder
-    from rebase.models import resolve_model
-
-    embedder = Embedder(str(resolve_model(config.embedder)), threads=config.threads)
-    eval_set = EvalSet.build(inputs, embedder.encode, config.contamination_ngram, config.contamination_similarity)
+    eval_set = EvalSet.build(inputs, embed, config.contamination_ngram, config.contamination_similarity)
     ok = [record for record in records if record["status"] == "ok"]
     texts = [record["input"] for record in ok]
-    reasons = eval_set.match(texts, embedder.encode(texts), within=False) if texts else []
+    reasons = eval_set.match(texts, embed(texts), within=False) if texts else []
     for record, reason in zip(ok, reasons):
         if reason:
             record.update(status=CONTAMINATED, reason=f"{CONTAMINATED}: the generated input: {reason}")
