@@ -124,7 +124,13 @@ class DecontaminationConfig(StageConfig):
         description="compare retrieved rows and generated inputs with the task's evaluation source (its `eval`): "
         "long n-gram overlap and embedding near-duplicates; a match is never handed to the teacher or trained on",
     )
-    contamination_ngram: int = Field(13, ge=4, le=64, description="words in a row that make an n-gram match")
+    contamination_ngram: int = Field(
+        13,
+        ge=4,
+        le=64,
+        description="the fewest words in a row that make an n-gram match; more where the evaluation inputs "
+        "share runs of that length among themselves",
+    )
     contamination_similarity: float | None = Field(
         None,
         gt=0.0,

@@ -3,7 +3,8 @@
 Banning the task's own dataset is not enough: its items (or near copies) can sit in other datasets of the
 store, and a teacher can write out benchmark items it memorised. Two checks, as large-model papers run them:
 
-- **long n-gram overlap**: `n` (13) consecutive words in common with an evaluation input, after
+- **long n-gram overlap**: `n` (13, or more where the evaluation inputs share 13-word runs among
+  themselves: `derived_ngram`) consecutive words in common with an evaluation input, after
   `normalise` (lower case, letters and digits); an evaluation input of `MIN_WORDS` (8) to `n` words
   matches a retrieved row that holds the whole of it, and a generated input that is it (GPT-3's rule:
   n-grams no shorter than 8 words); shorter ones are left to the embeddings, as a few words in common say
@@ -66,8 +67,9 @@ class EvalSet:
         """Index `inputs` (n-grams) and embed them (unit vectors); `similarity` fixes the threshold."""
         grams: dict[tuple[str, ...], int] = {}
         short: dict[int, dict[tuple[str, ...], int]] = {}
-        for index, text in enumerate(inputs):
-            tokens = words(text)
+        tokenised = [words(text) for text in inputs]
+        n = derived_ngram(tokenised, n)
+        for index, tokens in enumerate(tokenised):
             if MIN_WORDS <= len(tokens) < n:
                 short.setdefault(len(tokens), {}).setdefault(tokens, index)
             for start in range(len(tokens) - n + 1):
@@ -129,6 +131,26 @@ class EvalSet:
     def _shown(self, index: int) -> str:
         text = " ".join(self.inputs[index].split())
         return repr(text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "...")
+
+
+def derived_ngram(tokenised: list[tuple[str, ...]], least: int) -> int:
+    """The n-gram length, from the evaluation inputs themselves: the smallest n from `least` up at which at
+    most 1% of them share an n-gram with another of them. Where the inputs are formulaic (navigate's walks:
+    "take 3 steps right take 8 steps right ..."), different items share 13-word runs, so 13 words in common
+    say nothing about copying; the length grows until a shared run singles out one item, and inputs shorter
+    than it are matched whole. Never beyond the longest input plus one (then every input is matched whole)."""
+    longest = max((len(tokens) for tokens in tokenised), default=0)
+    for n in range(least, longest + 1):
+        owner: dict[tuple[str, ...], int] = {}
+        shared: set[int] = set()
+        for index, tokens in enumerate(tokenised):
+            for gram in {tokens[start : start + n] for start in range(len(tokens) - n + 1)}:
+                first = owner.setdefault(gram, index)
+                if first != index:
+                    shared.update((first, index))
+        if len(shared) <= 0.01 * len(tokenised):
+            return n
+    return max(least, longest + 1)
 
 
 def derived_threshold(vectors: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from test_gates import _plant, unit
 
 from rebase.config import DatastoreConfig, RetrieveConfig, TransformConfig, build_config
 from rebase.datastore import build_datastore
-from rebase.decontaminate import SIMILARITY_FLOOR, EvalSet, derived_threshold, describe
+from rebase.decontaminate import SIMILARITY_FLOOR, EvalSet, derived_ngram, derived_threshold, describe, words
 from rebase.retrieve import retrieve_stage
 from rebase.task import load_task
 from rebase.teacher import transform
@@ -72,6 +72,21 @@ def test_long_ngrams_match_after_normalisation_and_short_inputs_only_whole():
     assert eval_set.overlap("Take 3 steps left, take 2 steps forward. Turn around.", within=False).startswith("is eval")
     assert eval_set.overlap("So: take 3 steps left, take 2 steps forward; turn around!", within=False) is None
     assert eval_set.overlap("Something else entirely.") is None
+
+
+def test_the_ngram_length_grows_where_evaluation_inputs_share_runs():
+    distinct = [words(text) for text in EVAL]
+    assert derived_ngram(distinct, 13) == 13
+    # formulaic walks: every pair shares its first 20 words ("always face forward", the 16 of `common`, "take")
+    common = "take 1 step right take 2 steps right take 3 steps right take 4 steps right"
+    walks = [words(f"always face forward {common} take {n} steps left") for n in range(5, 25)]
+    n = derived_ngram(walks, 13)
+    assert n == 21  # one word longer than the run every walk shares
+    eval_set = EvalSet.build([" ".join(w) for w in walks], lambda texts: np.eye(len(texts), 8, dtype=np.float32))
+    assert eval_set.n == 21
+    assert eval_set.overlap(f"walk: {common} then stop") is None  # 16 shared words: any walk has them
+    # inputs shorter than every candidate length are matched whole
+    assert derived_ngram([words("a b c d e f g h i"), words("a b c d e f g h i")], 4) == 10
 
 
 def test_the_similarity_threshold_comes_from_the_evaluation_set():
