@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from rebase.errors import RebaseError
@@ -104,6 +105,16 @@ def deepspeed_on_cpu() -> None:
     """DeepSpeed's documented switch: a process without a GPU says so before DeepSpeed is imported (by us, by
     peft, or by transformers while it loads a model), rather than DeepSpeed probing and warning."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@contextlib.contextmanager
+def building_peft_model():
+    """Around building a `PeftModel`: peft (0.21.2, the newest) reads transformers' deprecated
+    `is_gradient_checkpointing` inside `PeftModel.__init__` whatever its caller passes; that one
+    FutureWarning is peft's own call, so it alone is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

@@ -24,8 +24,7 @@ import random
 import sys
 import tempfile
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from rebase.config import TrainConfig
 from rebase.decontaminate import describe
 from rebase.errors import RebaseError
 from rebase.io import read_parquet
-from rebase.models import canonical_model_name, deepspeed_on_cpu, resolve_model
+from rebase.models import building_peft_model, canonical_model_name, deepspeed_on_cpu, resolve_model
 from rebase.progress import duration
 from rebase.stage import StageDir
 from rebase.task import TaskSpec, load_task, student_prompt
@@ -629,16 +628,6 @@ def _report(engine, state: LoopState, settings: LoopSettings, rank: int, final: 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-@contextmanager
-def _peft_model():
-    """Around building a `PeftModel`: peft (0.21.2, the newest) reads transformers' deprecated
-    `is_gradient_checkpointing` inside `PeftModel.__init__` whatever its caller passes; that one
-    FutureWarning is peft's own call, so it alone is filtered."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
 def build_student(model_path: str | Path, lora: LoraSettings | None):
     """The student to train: the base model, with LoRA adapters (peft) unless fine-tuning every weight."""
     import torch
@@ -658,7 +647,7 @@ def build_student(model_path: str | Path, lora: LoraSettings | None):
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    with _peft_model():
+    with building_peft_model():
         return get_peft_model(model, adapters)
 
 
@@ -702,7 +691,7 @@ def export_student(weights: Path, model_path: Path, out: Path, tokenizer, lora: 
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        with _peft_model():
+        with building_peft_model():
             model = PeftModel.from_pretrained(base, weights).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)

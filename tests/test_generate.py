@@ -255,3 +255,71 @@ def test_engine_loads_the_precision_asked_for(tiny_gemma, dtype):
     assert engine.dtype == dtype and str(engine.model.dtype) == f"torch.{dtype}"
     [completion] = engine.generate([HEAD + "ok"], GenerationParams(max_new_tokens=4))
     assert completion.completion_tokens <= 4
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_gemma, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Two LoRA adapters of the tiny model with random (not zero) weights, as peft saves them, each with the
+    model it merges into: name -> (adapter directory, merged model directory)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rebase.models import building_peft_model
+
+    made = {}
+    for seed, name in enumerate(["alpha", "beta"]):
+        torch.manual_seed(seed + 1)
+        base = AutoModelForCausalLM.from_pretrained(tiny_gemma, dtype=torch.float32)
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        )
+        with building_peft_model():
+            model = get_peft_model(base, config)
+        root = tmp_path_factory.mktemp(name)
+        model.save_pretrained(root / "adapter")
+        model.merge_and_unload().save_pretrained(root / "merged")
+        engine = TransformersEngine(tiny_gemma)
+        engine.tokenizer.save_pretrained(root / "merged")
+        made[name] = (str(root / "adapter"), str(root / "merged"))
+    return made
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_one_base_with_adapters_decodes_each_row_as_its_merged_model_would(tiny_gemma, adapters, share_prefix):
+    """Rows of two adapters and of the base share every forward pass (peft mixed batches); each row's tokens
+    are those of its own model (the merged adapter, or the base) decoding the prompt alone, rows joining
+    mid-decode; a batch of one adapter shares its prompts' head as a single model's would."""
+    from rebase.generate.engines import BASE_ADAPTER
+
+    engine = TransformersEngine(
+        tiny_gemma,
+        batch_size=3,
+        threads=1,
+        share_prefix=share_prefix,
+        dtype="float32",
+        adapters={name: path for name, (path, _) in adapters.items()},
+    )
+    assert engine.adapters == ["alpha", "beta"]
+    prompts = [HEAD + review for review in REVIEWS]
+    names = ["alpha", "beta", BASE_ADAPTER, "beta", "alpha"]
+    lengths = [6, 12, 4, 9, 7]
+    ids = [engine.encode(p) for p in prompts]
+    mixed = engine.batch(ids, [GenerationParams(n) for n in lengths], adapters=names)
+    assert mixed.prefix == []  # several adapters: no shared head
+    events = [event for step in mixed.steps() for event in step]
+    alone = {name: TransformersEngine(merged, threads=1, dtype="float32") for name, (_, merged) in adapters.items()}
+    alone[BASE_ADAPTER] = TransformersEngine(tiny_gemma, threads=1, dtype="float32")
+    expected = [reference(alone[name], prompt, n) for name, prompt, n in zip(names, prompts, lengths)]
+    got = [[token for r, token, _ in events if r == row and token is not None] for row in range(len(prompts))]
+    assert got == expected
+    assert len({tuple(tokens) for tokens in expected[:3]}) == 3  # the three models do answer differently
+
+    single = engine.batch(ids[:2], [GenerationParams(5)] * 2, adapters=["beta", "beta"])
+    assert single.prefix == (ids[0][: len(HEAD)] if share_prefix else [])
+    events = [event for step in single.steps() for event in step]
+    tokens = [[token for r, token, _ in events if r == row and token is not None] for row in range(2)]
+    assert tokens == [reference(alone["beta"], prompts[row], 5) for row in range(2)]
+    with torch.inference_mode():
+        _, _, _, logits = engine.batch(ids[:3], [GenerationParams()] * 3, adapters=names[:3])._prefill([0, 1, 2])
+        own = torch.stack([alone[name].model(torch.tensor([ids[n]])).logits[0, -1] for n, name in enumerate(names[:3])])
+    assert torch.allclose(logits, own, atol=1e-4)

@@ -39,7 +39,9 @@ class _Running:
 
 class ContinuousBatch:
     """Decodes token ids with settings per row (`rows`: length, temperature, stop strings); greedy unless a
-    row's temperature > 0; with `grammar` (compiled by xgrammar), each row's matcher masks its logits."""
+    row's temperature > 0; with `grammar` (compiled by xgrammar), each row's matcher masks its logits. On an
+    engine that holds LoRA adapters, `adapters` names each row's adapter (`BASE_ADAPTER`: none): rows of
+    different adapters share every forward pass (peft's mixed batches)."""
 
     def __init__(
         self,
@@ -47,8 +49,10 @@ class ContinuousBatch:
         ids: list[list[int]],
         rows: list[GenerationParams],
         grammar: Any = None,
+        adapters: list[str] | None = None,
     ):
         self.engine, self.model, self.ids, self.rows = engine, engine.model, ids, rows
+        self.adapters = adapters if engine.adapters else None
         self.device = engine.device
         self.pad = engine.tokenizer.pad_token_id
         self.generated: list[list[int]] = [[] for _ in ids]
@@ -61,7 +65,9 @@ class ContinuousBatch:
             self.matchers = [xgrammar.GrammarMatcher(grammar) for _ in ids]
             self.batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=engine.threads or "auto")
             self.bitmask = xgrammar.allocate_token_bitmask(engine.batch_size, grammar.tokenizer_info.vocab_size)
-        self.prefix = self._shared_prefix() if engine.share_prefix else []
+        # a shared prefix is computed once, so with one adapter: rows of several cannot share it
+        one_adapter = self.adapters is None or len(set(self.adapters)) == 1
+        self.prefix = self._shared_prefix() if engine.share_prefix and one_adapter else []
         self._prefix_cache = None
         self.running = _Running()
         self.cancelled: set[int] = set()  # rows nobody waits for any more: dropped before the next step
@@ -150,6 +156,7 @@ class ContinuousBatch:
             position_ids=positions,
             cache=running.cache,
             use_cache=True,
+            **self._adapter_names(running.rows),
         )
         tokens, going = self._choose(output.logits[:, -1, :], running.rows)
         running = _Running(running.rows, output.cache, mask, positions, tokens)
@@ -179,6 +186,7 @@ class ContinuousBatch:
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._adapter_names(group),
         )
         return output.cache, mask, positions[:, -1:], output.logits[:, -1, :]
 
@@ -191,7 +199,9 @@ class ContinuousBatch:
 
         if self._prefix_cache is None:
             prefix = torch.tensor([self.prefix], device=self.device)
-            self._prefix_cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+            self._prefix_cache = self.model(
+                input_ids=prefix, use_cache=True, logits_to_keep=1, **self._adapter_names([0])
+            ).cache
         cache = copy.deepcopy(self._prefix_cache)
         length = len(self.prefix)
         empty = [min(p, length) for p in pads]
@@ -201,6 +211,10 @@ class ContinuousBatch:
                 parts = [torch.cat([_zeros(tensor, e), tensor[:, :, : length - e]], 2) for e in empty]
                 setattr(layer, name, torch.cat(parts))
         return cache
+
+    def _adapter_names(self, rows: list[int]) -> dict:
+        """The forward pass's `adapter_names` (peft: one per batch row) for these rows; none without adapters."""
+        return {} if self.adapters is None else {"adapter_names": [self.adapters[row] for row in rows]}
 
     def _choose(self, logits, rows: list[int]):
         """Next tokens for the batch positions holding `rows`, recorded; and the positions still going."""

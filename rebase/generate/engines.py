@@ -91,8 +91,13 @@ def _pick(options: dict, *names: str) -> dict:
 # ---------------------------------------------------------------- transformers
 
 
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the base model's own rows
+
+
 class TransformersEngine:
-    """A Hugging Face causal LM decoding up to `batch_size` prompts per forward pass (continuous batching)."""
+    """A Hugging Face causal LM decoding up to `batch_size` prompts per forward pass (continuous batching).
+    With `adapters` (name: directory of a peft LoRA adapter trained on this model), the one base model holds
+    them all, and each prompt of a batch names its adapter (`batch(..., adapters=[...])`)."""
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class TransformersEngine:
         share_prefix: bool = True,
         chat: bool | None = None,
         dtype: str = "auto",
+        adapters: dict[str, str] | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,6 +123,9 @@ class TransformersEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.adapters = sorted(adapters or {})
+        if adapters:
+            self.model = _with_adapters(self.model, adapters).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.stop_ids.add(self.tokenizer.eos_token_id)
@@ -154,9 +163,12 @@ class TransformersEngine:
         streams from this; `generate` is the same loop run to the end."""
         return self.batch(ids, rows).steps()
 
-    def batch(self, ids: list[list[int]], rows: list[GenerationParams]) -> ContinuousBatch:
-        """The continuous batch `steps` runs, for a caller that may `cancel` rows while it runs."""
-        return ContinuousBatch(self, ids, rows)
+    def batch(
+        self, ids: list[list[int]], rows: list[GenerationParams], adapters: list[str] | None = None
+    ) -> ContinuousBatch:
+        """The continuous batch `steps` runs, for a caller that may `cancel` rows while it runs; `adapters`
+        names each row's adapter (on an engine that holds adapters)."""
+        return ContinuousBatch(self, ids, rows, adapters=adapters)
 
     def grammar(self, schema: dict):
         """The xgrammar grammar for a JSON schema, compiled once per schema."""
@@ -170,6 +182,21 @@ class TransformersEngine:
             )
             self._grammars[key] = xgrammar.GrammarCompiler(info).compile_json_schema(key, any_whitespace=False)
         return self._grammars[key]
+
+
+def _with_adapters(model, adapters: dict[str, str]):
+    """`model` holding every LoRA adapter of `adapters` (peft), none active: each forward pass names its
+    rows' adapters."""
+    from peft import PeftModel
+
+    from rebase.models import building_peft_model
+
+    names = sorted(adapters)
+    with building_peft_model():
+        combined = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            combined.load_adapter(adapters[name], adapter_name=name)
+    return combined
 
 
 # ---------------------------------------------------------------- vLLM
