@@ -6,6 +6,9 @@ over a Ray Data shard; loop; a checkpoint every epoch or N steps), then merge th
 student and export a Hugging Face directory with a model card. The directory follows `rebase.stage.StageDir`
 (its fingerprint in run.json). The student directory holds:
     config.json, model.safetensors, tokenizer files, generation_config.json   the merged student
+    adapter/          LoRA runs: the unmerged adapter (peft's format), which `rebase serve` loads beside other
+                      students' adapters on one copy of their shared base (stats.json `base` names it)
+    task.yaml         the task it was trained for (the prompt format serving's task routes use)
     README.md         the model card: task, prompt format, lineage, hyperparameters, loss
     stats.json        the same as data, `_SUCCESS` once exported
     run.json          the run's fingerprint (written first: a re-run with other inputs is refused)
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+import yaml
 
 from rebase import precision
 from rebase.config import TrainConfig
@@ -345,10 +350,13 @@ def train(config: TrainConfig) -> TrainSummary:
         with checkpoint.as_directory() as directory:
             state = LoopState(**json.loads((Path(directory) / "state.json").read_text()))
             export_student(Path(directory) / "weights", model_path, stage.path, tokenizer, settings.lora is not None)
+        (stage.path / "task.yaml").write_text(yaml.safe_dump(task.model_dump(mode="json"), sort_keys=False))
         summary = _summary(config, settings, encoded, state, stage.path, time.monotonic() - started)
         stats = {
             "fingerprint": fingerprint,
             "task": task.name,
+            "base": canonical_model_name(config.student),
+            "adapter": "adapter" if settings.lora is not None else None,
             "data": str(config.data),
             "config": config.model_dump(mode="json"),
             "lineage": lineage(Path(config.data)),
@@ -681,7 +689,7 @@ def save_weights(module, directory: Path, settings: LoopSettings, rank: int) -> 
 def export_student(weights: Path, model_path: Path, out: Path, tokenizer, lora: bool) -> None:
     """Merge the trained weights (a LoRA adapter, or the whole model) into a plain Hugging Face model
     directory (safetensors, tokenizer, generation config) that `transformers`, vLLM and `rebase serve` load
-    without peft."""
+    without peft; a LoRA adapter is also kept unmerged in `adapter/`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -693,6 +701,8 @@ def export_student(weights: Path, model_path: Path, out: Path, tokenizer, lora: 
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         with building_peft_model():
             model = PeftModel.from_pretrained(base, weights).merge_and_unload()
+        shutil.rmtree(out / "adapter", ignore_errors=True)  # a resumed export's partial copy
+        shutil.copytree(weights, out / "adapter")
     else:
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)

@@ -217,6 +217,18 @@ def test_training_lowers_the_loss_and_exports_a_plain_model(trained_student):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["summary"]["steps"] == 8 and stats["lineage"]["data"] == str(config.data)
     assert (out / "_SUCCESS").exists()
+    # the unmerged adapter is kept: over its base it gives the merged student's logits
+    assert stats["base"] == "builtin:gemma3-270m" and stats["adapter"] == "adapter"
+    assert load_task(out / "task.yaml") == load_task(config.task)
+    from peft import PeftModel
+
+    from rebase.models import building_peft_model
+
+    with torch.inference_mode(), building_peft_model():
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(stats["base"]), dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(base, out / "adapter")(**ids).logits
+        merged = model(**ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-3)
 
     again = train(config)
     assert again.already_done and "already trained" in again.line()
