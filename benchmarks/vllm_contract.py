@@ -230,7 +230,7 @@ def check_llm_config(workdir: Path) -> str:
     assert isinstance(llm, LLMConfig), f"got {type(llm).__name__}, not LLMConfig"
     loading = llm.model_loading_config
     assert loading.model_id == served_name(config), f"model_id {loading.model_id}"
-    assert loading.model_source == str(Path(config.model).resolve()), f"model_source {loading.model_source}"
+    assert loading.model_source == str(Path(config.model[0]).resolve()), f"model_source {loading.model_source}"
     scaling = llm.deployment_config.get("autoscaling_config") or {}
     replicas = scaling.get("min_replicas"), scaling.get("max_replicas")
     assert replicas == (config.min_replicas, config.max_replicas), f"replicas {replicas}"

@@ -153,15 +153,17 @@ def evaluate(
 
 
 def serve(
-    model: PathLike | None = None,
+    model: PathLike | list[PathLike] | None = None,
     *,
     config: PathLike | None = None,
     ready: Callable[[str], None] | None = None,
     **fields: Any,
 ) -> None:
-    """`rebase serve`: serve the model as an OpenAI-compatible endpoint and block until Ctrl-C; `ready(url)`
-    is called once it answers. Other ServeConfig fields (host=, port=, task=, ...) as keywords."""
-    stage_config = _stage_config(ServeConfig, "serve", config, {"model": None if model is None else str(model)}, fields)
+    """`rebase serve`: serve the model (or a list of students, sharing one endpoint) as an OpenAI-compatible
+    endpoint and block until Ctrl-C; `ready(url)` is called once it answers. Other ServeConfig fields (host=,
+    port=, task=, base=, ...) as keywords."""
+    models = None if model is None else [str(one) for one in model] if isinstance(model, list) else str(model)
+    stage_config = _stage_config(ServeConfig, "serve", config, {"model": models}, fields)
     from rebase.serve import serve_student
 
     serve_student(stage_config, ready=ready)

@@ -202,9 +202,17 @@ def _evaluate_parser(commands) -> None:
 
 
 def _serve_parser(commands) -> None:
-    serve = commands.add_parser("serve", help="serve a model as an OpenAI-compatible endpoint (Ray Serve)")
+    serve = commands.add_parser("serve", help="serve students as one OpenAI-compatible endpoint (Ray Serve)")
     _config_flag(serve, ServeConfig)
-    _option(serve, ServeConfig, "model")
+    _option(
+        serve,
+        ServeConfig,
+        "model",
+        action="append",
+        metavar="MODEL",
+        help=(ServeConfig.model_fields["model"].description + "; repeatable"),
+    )
+    _option(serve, ServeConfig, "base")
     _option(serve, ServeConfig, "task", type=Path)
     _option(serve, ServeConfig, "engine", choices=get_args(ServeConfig.model_fields["engine"].annotation))
     _option(serve, ServeConfig, "name")

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rebase.errors import RebaseError
 from rebase.precision import Precision
@@ -281,7 +289,14 @@ class EvaluateConfig(GenerationConfig):
 class ServeConfig(StageConfig):
     """`rebase serve`: which model, on which address, how replicas scale and batch, what requests may ask."""
 
-    model: str = Field(description="a student directory, a built-in or an HF id")
+    model: list[str] = Field(
+        min_length=1,
+        description="a student directory, a directory of students, a built-in or an HF id; several share one "
+        "endpoint, each under its directory's name (LoRA students of one base share one copy of it)",
+    )
+    base: str | None = Field(
+        None, description="the base every LoRA student shares (one trained from another base is refused)"
+    )
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="vllm: Ray Serve LLM's vLLM app on GPU nodes (its own routes and limits)"
     )
@@ -304,6 +319,13 @@ class ServeConfig(StageConfig):
     max_tokens_limit: int = Field(1024, ge=1, description="the most `max_tokens` a request may ask for")
     max_choices: int = Field(8, ge=1, description="the most prompts x n one request may ask for")
     api_key_env: str = Field("REBASE_API_KEY", description="when this variable is set, requests need its bearer key")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _one_or_several(cls, value):
+        if isinstance(value, str | Path):
+            return [str(value)]
+        return [str(one) if isinstance(one, Path) else one for one in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _replicas_in_order(self) -> ServeConfig:

@@ -310,7 +310,7 @@ def _serve_stage(config, stage_dir: Path) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     def ready(url: str) -> None:
-        write_json_atomic(stage_dir / "stats.json", {"url": url, "model": config.model, "since": _now()})
+        write_json_atomic(stage_dir / "stats.json", {"url": url, "models": config.model, "since": _now()})
 
     serve_student(config, ready)
 

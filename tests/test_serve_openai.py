@@ -166,10 +166,13 @@ def test_a_new_reply_has_a_fresh_id_and_the_time():
     assert new_reply("completion", "m").id.startswith("cmpl-")
 
 
-def test_models_body_lists_the_one_model():
-    assert models_body("student") == {
+def test_models_body_lists_the_models_in_order():
+    assert models_body(["student", "other"]) == {
         "object": "list",
-        "data": [{"id": "student", "object": "model", "created": 0, "owned_by": "rebase"}],
+        "data": [
+            {"id": "student", "object": "model", "created": 0, "owned_by": "rebase"},
+            {"id": "other", "object": "model", "created": 0, "owned_by": "rebase"},
+        ],
     }
 
 

@@ -1,23 +1,27 @@
-"""`rebase serve`: a student as an OpenAI-compatible endpoint on Ray Serve.
+"""`rebase serve`: students as one OpenAI-compatible endpoint on Ray Serve.
 
-One deployment, `StudentServer` (`rebase/serve/app.py`): a FastAPI ingress and the model in each replica,
-replicas autoscaled by Ray Serve. Concurrent requests are decoded together: `@serve.batch` collects them
-and the engine's stepwise decode loop advances every request of the batch in one forward pass per token,
-streaming each request's tokens back as they come (server-sent events with `stream: true`). The protocol
+One deployment, `StudentServer` (`rebase/serve/app.py`): a FastAPI ingress and the models in each replica,
+replicas autoscaled by Ray Serve. Several students share it, each under its own name (the request's
+`model`); LoRA students of one base share one copy of it, each request decoded with its student's adapter
+(`rebase/serve/students.py` decides who shares what). Concurrent requests are decoded together:
+`@serve.batch` collects them and the engine's stepwise decode loop advances every request of the batch in one
+forward pass per token (one per model in memory), streaming each request's tokens back as they come
+(server-sent events with `stream: true`). The protocol
 itself (request models, limits, response bodies) is `rebase/serve/openai.py`, plain functions.
 
 Routes (every one but `/healthz` needs `Authorization: Bearer KEY` when $REBASE_API_KEY is set):
     GET  /healthz                                        liveness, no key needed
-    GET  /v1/models                                      the one model served
+    GET  /v1/models                                      the models served
     POST /v1/completions, /v1/chat/completions           the prompt as sent (chat: the model's chat
                                                          template, or the messages' text joined)
+    GET  /tasks/TASK/v1/models                           the models served for TASK
     POST /tasks/TASK/v1/completions, .../chat/completions  raw inputs put in the task's prompt format
 Requests are validated strictly (unknown fields, wrong types, out-of-range values: 400 with an OpenAI-style
 error body; bodies over the limit: 413); the model a request names is only matched against the served
-name, never loaded, so no request can make the server open a path or run code.
+names (another is a 404), never loaded, so no request can make the server open a path or run code.
 
-With `engine: vllm` the application is Ray Serve LLM's OpenAI app over vLLM instead (one GPU per replica,
-its own routes and request limits, no task routes); `vllm_llm_config` is the config it is built from.
+With `engine: vllm` the application is Ray Serve LLM's OpenAI app over vLLM instead (one model, one GPU per
+replica, its own routes and request limits, no task routes); `vllm_llm_config` is the config it is built from.
 """
 
 from __future__ import annotations
@@ -25,27 +29,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rebase import precision
 from rebase.config import ServeConfig, build_config
 from rebase.errors import RebaseError
 from rebase.models import BUILTINS, canonical_model_name, resolve_model
+from rebase.serve.students import groups, served_name, students
 
 if TYPE_CHECKING:
     from ray.serve import Application
     from ray.serve.llm import LLMConfig
 
 __all__ = ["build_app", "served_name", "serve_student", "vllm_llm_config"]
-
-
-def served_name(config: ServeConfig) -> str:
-    """The model name clients send: the configured name, else a student directory's name, else the model."""
-    if config.name:
-        return config.name
-    path = Path(config.model).expanduser()
-    return path.resolve().name if path.is_dir() else config.model
 
 
 def build_app(args: dict | ServeConfig) -> Application:
@@ -58,14 +54,11 @@ def build_app(args: dict | ServeConfig) -> Application:
             raise _no_serve_llm(error) from None
         return build_openai_app({"llm_configs": [vllm_llm_config(config)]})
     from rebase.serve.app import StudentServer
-    from rebase.task import load_task
 
-    task = load_task(config.task) if config.task is not None else None  # a bad file fails here, once
-    # Replicas get the served name and an absolute model path: their working directory is not ours.
-    replica_config = config.model_copy(
-        update={"model": canonical_model_name(config.model), "name": served_name(config)}
-    )
-    return StudentServer.options(**_student_options(config)).bind(replica_config, task)
+    # Names, tasks (a bad file fails here, once), adapters and who shares a base are settled here; replicas
+    # get absolute paths: their working directory is not ours.
+    served = students(config)
+    return StudentServer.options(**_student_options(config)).bind(config, served, groups(served, config.base))
 
 
 def vllm_llm_config(config: ServeConfig) -> LLMConfig:
@@ -75,8 +68,11 @@ def vllm_llm_config(config: ServeConfig) -> LLMConfig:
         from ray.serve.llm import LLMConfig
     except ImportError as error:
         raise _no_serve_llm(error) from None
+    if len(config.model) > 1:
+        raise RebaseError("engine vllm serves one model per endpoint here; serve several with engine transformers")
+    model = config.model[0]
     # A built-in is converted once into the cache; an HF id is left for vLLM to fetch on its GPU node.
-    source = str(resolve_model(config.model)) if config.model in BUILTINS else canonical_model_name(config.model)
+    source = str(resolve_model(model)) if model in BUILTINS else canonical_model_name(model)
     return LLMConfig(
         model_loading_config={"model_id": served_name(config), "model_source": source},
         deployment_config=_scaling(config),
@@ -131,7 +127,9 @@ def serve_student(config: ServeConfig, ready: Callable[[str], None] | None = Non
 
     from rebase.ray_setup import ensure_ray
 
-    resolve_model(config.model)  # a model that cannot be found offline: one line, before Ray starts
+    served = students(config)  # names, tasks, adapters: one line each if wrong, before Ray starts
+    for group in groups(served, config.base):
+        resolve_model(group.model)  # a model that cannot be found offline: one line, before Ray starts
     ensure_ray()
     if config.engine == "transformers":
         from rebase.ray_setup import cluster_gpus
@@ -141,7 +139,8 @@ def serve_student(config: ServeConfig, ready: Callable[[str], None] | None = Non
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application, name="rebase", route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}/v1"
-    print(f"serving {served_name(config)} at {url} (Ctrl-C stops)", flush=True)
+    names = ", ".join(student.name for student in served)
+    print(f"serving {names} at {url} (Ctrl-C stops)", flush=True)
     if ready is not None:
         ready(url)
     try:

@@ -223,6 +223,9 @@ def event(data: dict) -> str:
 DONE = "data: [DONE]\n\n"  # the event that ends an OpenAI stream
 
 
-def models_body(name: str) -> dict:
-    """`GET /v1/models`: the one model served."""
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "rebase"}]}
+def models_body(names: list[str]) -> dict:
+    """`GET /v1/models`: the models served."""
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "rebase"} for name in names],
+    }
