@@ -31,12 +31,14 @@ def test_build_app_scales_and_names_the_deployment():
     deployment = fixed._bound_deployment
     assert deployment.name == "StudentServer" and deployment.num_replicas == 1
     assert deployment.max_ongoing_requests == 64 and deployment.ray_actor_options["num_cpus"] == 1
-    config, task = deployment.init_args
-    assert config.name == "student" and config.model == "builtin:gemma3-270m" and task.name == "navigate"
+    config, [student], [group] = deployment.init_args
+    assert config.name == "student" and student.name == "student" and student.model == "builtin:gemma3-270m"
+    assert student.task.name == "navigate" and group.model == "builtin:gemma3-270m" and group.students == ["student"]
     scaled = build_app(ServeConfig(model="builtin:gemma3-270m", min_replicas=1, max_replicas=3))._bound_deployment
     autoscaling = scaled._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 8.0)
     assert served_name(ServeConfig(model="builtin:gemma3-270m")) == "builtin:gemma3-270m"
+    assert ServeConfig(model="builtin:gemma3-270m").model == ["builtin:gemma3-270m"]  # one model, or a list
     assert served_name(ServeConfig(model=str(Path("jobs/tasks").resolve()))) == "tasks"  # a directory: its name
 
 

@@ -126,6 +126,7 @@ class TransformersEngine:
         self.adapters = sorted(adapters or {})
         if adapters:
             self.model = _with_adapters(self.model, adapters).to(self.device).eval()
+        self.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.stop_ids.add(self.tokenizer.eos_token_id)
@@ -182,6 +183,14 @@ class TransformersEngine:
             )
             self._grammars[key] = xgrammar.GrammarCompiler(info).compile_json_schema(key, any_whitespace=False)
         return self._grammars[key]
+
+
+def _contiguous_input(_module, args: tuple) -> tuple:
+    """The LM head's input made contiguous. The last position's hidden states (`logits_to_keep=1`) are a
+    strided view; on CPU in bfloat16, with the head's weight frozen (as peft leaves it), PyTorch's linear then
+    runs a batched matmul that copies the 262,144 x 640 weight once per row (pytorch/pytorch#151934): 9.3 s
+    instead of 0.03 s for 8 rows. The copy of a few rows' hidden states costs nothing beside it."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def _with_adapters(model, adapters: dict[str, str]):
