@@ -3,8 +3,9 @@
     python benchmarks/decontamination.py [--tasks navigate,sports_understanding,date_understanding]
                                          [--planted 50] [--rows-per-task 100] [--embed-sample 2000]
 
-For each shipped task with an `eval` source, its whole evaluation set becomes an `EvalSet` (13-grams,
-whole 8-12-word inputs, MiniLM vectors and the threshold derived from them), and rows are checked the way
+For each shipped task with an `eval` source, its whole evaluation set becomes an `EvalSet` (n-grams of the
+length derived from it by `derived_ngram`, whole inputs of 8 words up to that length, MiniLM vectors and the
+threshold derived from them), and rows are checked the way
 `rebase retrieve` checks its rows (`EvalSet.match_rows`):
 - **planted**: `--planted` evaluation items (a fixed sample), each written into a row three ways: *exact*
   ({"input": item, "target": its answer}), *edited* (upper case, punctuation dropped, "indeed" appended,
