@@ -12,8 +12,12 @@ tokenizer; a tiny BERT sentence encoder), so nothing is downloaded. Checked, on 
    token budget, and how many agree with `generate` token for token (bfloat16 rounding differs between
    batch shapes, so this is reported, not required), with decode tokens per second;
 3. the datastore embedder (`rebase.datastore.embed.Embedder`) on the device against the same model on
-   the CPU: cosine similarity of every vector.
-Prints one JSON report; exits 1 when check 1 or 3 fails. Runs on a CPU-only machine too (then it only
+   the CPU: cosine similarity of every vector;
+4. one base with two LoRA adapters (what `rebase serve` holds for several students; random, non-zero
+   adapters made with peft): a batch mixing both adapters and the base, float32 on the device, gives each
+   row what its own merged model's `generate` gives; and, in bfloat16, the time of a mixed batch on the
+   shared base against a batch on a merged model.
+Prints one JSON report; exits 1 when check 1, 3 or 4 fails. Runs on a CPU-only machine too (then it only
 checks the script). `rebase/generate/engines.py` and `rebase/datastore/embed.py` are loaded from this
 checkout without importing the rest of the package (which needs pyarrow, pydantic and Ray).
 """
@@ -137,6 +141,53 @@ def plain_generate(engine, prompt: str, max_new_tokens: int) -> tuple[str, int, 
     return engine.tokenizer.decode(new[:stop], skip_special_tokens=True), stop, encoded["input_ids"].shape[1]
 
 
+def check_adapters(engines, model_dir: Path, tmp: Path, batch: list[str], report: dict) -> bool:
+    """Check 4; True when it failed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapters, merged = {}, {}
+    for seed, name in enumerate(["alpha", "beta"]):
+        torch.manual_seed(seed + 1)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        )
+        model = get_peft_model(base, config)
+        model.save_pretrained(tmp / name / "adapter")
+        model.merge_and_unload().save_pretrained(tmp / name / "merged")
+        engines.TransformersEngine(str(model_dir)).tokenizer.save_pretrained(tmp / name / "merged")
+        adapters[name], merged[name] = str(tmp / name / "adapter"), str(tmp / name / "merged")
+    names = ["alpha", "beta", engines.BASE_ADAPTER] * 2
+    shared = engines.TransformersEngine(str(model_dir), batch_size=4, dtype="float32", adapters=adapters)
+    alone = {name: engines.TransformersEngine(path, dtype="float32") for name, path in merged.items()}
+    alone[engines.BASE_ADAPTER] = engines.TransformersEngine(str(model_dir), dtype="float32")
+    ids = [shared.encode(prompt) for prompt in batch]
+    decoded = shared.batch(ids, [engines.GenerationParams(24)] * len(ids), names).run()
+    texts = [shared.tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in decoded]
+    expected = [plain_generate(alone[name], prompt, 24)[0] for name, prompt in zip(names, batch)]
+    agree = sum(a == b for a, b in zip(texts, expected))
+    report["adapters_float32_mixed_batch_equals_each_merged_generate"] = f"{agree}/{len(batch)}"
+    report["adapters_models_differ"] = len(set(expected[:3])) == 3
+
+    timed = {}
+    for label, engine in (
+        ("merged", engines.TransformersEngine(merged["alpha"], batch_size=32)),
+        ("shared_mixed", engines.TransformersEngine(str(model_dir), batch_size=32, adapters=adapters)),
+    ):
+        rows = ["alpha", "beta"] * 16 if engine.adapters else None
+        long = [engine.encode(prompt) for prompt in batch * 6][:32]
+        engine.batch(long, [engines.GenerationParams(8)] * 32, rows).run()  # warm up
+        torch.cuda.synchronize() if engine.device == "cuda" else None
+        started = time.perf_counter()
+        engine.batch(long, [engines.GenerationParams(48)] * 32, rows).run()
+        torch.cuda.synchronize() if engine.device == "cuda" else None
+        timed[label] = round(time.perf_counter() - started, 3)
+    report["adapters_bfloat16_32_rows_seconds"] = timed
+    return agree != len(batch) or not report["adapters_models_differ"]
+
+
 def main() -> int:
     import numpy as np
     import torch
@@ -151,7 +202,12 @@ def main() -> int:
         stubs = {}
     except ImportError:  # the embedder needs neither pyarrow nor Ray: stand-ins for what embed.py imports
         stubs = {"pyarrow": {}, "pyarrow.parquet": {}}
-    stubs["rebase.io"] = {"numpy_to_embeddings": None, "parquet_rows": None, "write_parquet_atomic": None}
+    stubs["rebase.io"] = {
+        "numpy_to_embeddings": None,
+        "parquet_rows": None,
+        "write_parquet_atomic": None,
+        "cache_dir": None,
+    }
     stubs["rebase.ray_setup"] = {"actor_pool": None}
     embed = load("rebase.datastore.embed", ROOT / "rebase" / "datastore" / "embed.py", stubs)
 
@@ -215,6 +271,8 @@ def main() -> int:
         report["embedder_min_cosine_to_cpu"] = round(float(cosine.min()), 6)
         report["embedder_norms"] = [round(float(n), 4) for n in np.linalg.norm(on_device, axis=1)[[0, -1]]]
         failed |= bool(cosine.min() < 0.999)
+        # 4. one base, two adapters, rows of both and of the base in one batch
+        failed |= check_adapters(engines, model_dir, Path(tmp), prompts(6, rng), report)
     report["passed"] = not failed
     print(json.dumps(report, indent=2))
     return 1 if failed else 0
