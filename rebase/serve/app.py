@@ -135,7 +135,8 @@ class Batches:
 @serve.deployment(name="StudentServer")
 @serve.ingress(app)
 class StudentServer:
-    """The student in this replica, its routes, and the batch that decodes concurrent requests."""
+    """The students in this replica (their models, one per group), the routes, and the batches that decode
+    concurrent requests."""
 
     def __init__(self, config: ServeConfig, students: list[Student], groups: list[Group]):
         import torch
