@@ -157,7 +157,7 @@ def test_the_service_config_passes_rays_schema_and_builds_the_app():
     [application] = schema.applications
     assert application.import_path == "rebase.serve:build_app"
     config = ServeConfig.model_validate(application.args)
-    assert config.model == str(Path(_entrypoint()[4]) / "train")  # the student the job leaves
+    assert config.model == [str(Path(_entrypoint()[4]) / "train")]  # the student the job leaves
     assert _in_repo(str(config.task)).is_file()
     app = build_app({**application.args, "task": str(_in_repo(str(config.task)))})
     # Serve refuses overrides of deployments the app does not have.

@@ -50,7 +50,7 @@ def test_stages_are_wired_through_the_run_directory():
     assert config.stage_config("retrieve", run).datastore == run / "datastore" / "store"
     assert config.stage_config("transform", run).retrieved == run / "retrieve"
     assert config.stage_config("train", run).data == run / "transform"
-    assert config.stage_config("serve", run).model == str(run / "train")
+    assert config.stage_config("serve", run).model == [str(run / "train")]
     assert config.stage_config("serve", run).port == 8123
 
 

@@ -335,8 +335,13 @@ def test_a_lost_worker_restarts_and_a_killed_run_resumes_from_the_last_checkpoin
     try:
         wait_for(lambda: checkpointed(), "a first checkpoint")
         first = max(checkpointed())
-        # Ray names a worker process after its actor ("ray::RayTrainWorker...")
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        # Ray names a worker process after its actor ("ray::RayTrainWorker..."); the session's Ray was started
+        # by this process, so its workers descend from it (another Ray on the machine has workers too)
+        workers = []
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
+                if "RayTrainWorker" in " ".join(child.cmdline()):
+                    workers.append(child)
         assert len(workers) == 2
         workers[1].kill()
         wait_for(lambda: max(checkpointed()) > first, "a checkpoint after the restart")
