@@ -322,6 +322,12 @@ def test_a_lost_worker_restarts_and_a_killed_run_resumes_from_the_last_checkpoin
                 steps.add(json.loads(state.read_text())["step"])
         return steps
 
+    def recorded() -> int | None:  # the step of the latest checkpoint Ray Train has recorded (it resumes from it)
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):  # none yet, or being written
+            snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+            return snapshot["latest_checkpoint_result"]["metrics"]["step"]
+        return None
+
     def wait_for(ready, what: str) -> None:
         deadline = time.monotonic() + 300
         while not ready() and process.poll() is None and time.monotonic() < deadline:
@@ -333,8 +339,9 @@ def test_a_lost_worker_restarts_and_a_killed_run_resumes_from_the_last_checkpoin
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=rebase_env
     )
     try:
-        wait_for(lambda: checkpointed(), "a first checkpoint")
-        first = max(checkpointed())
+        # recorded, not only written: a checkpoint on disk that Ray Train has not recorded yet is not resumed from
+        wait_for(lambda: recorded() is not None, "a first checkpoint")
+        first = recorded()
         # Ray names a worker process after its actor ("ray::RayTrainWorker..."); the session's Ray was started
         # by this process, so its workers descend from it (another Ray on the machine has workers too)
         workers = []
