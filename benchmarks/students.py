@@ -17,23 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ceiling import training_set
+from serve import free_port
 
 from rebase.config import ServeConfig
 from rebase.io import cache_dir
 
 TASK = Path(__file__).resolve().parent.parent / "jobs" / "tasks" / "navigate.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def students(count: int) -> list[Path]:
@@ -146,7 +140,8 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     shared, separate = results
     print(
-        f"memory (replicas' RSS after load): separate / shared = {separate['rss_gb_after'] / shared['rss_gb_after']:.2f}x; "
+        "memory (replicas' RSS after load): separate / shared = "
+        f"{separate['rss_gb_after'] / shared['rss_gb_after']:.2f}x; "
         f"parameters held: {separate['parameters'] / shared['parameters']:.2f}x; "
         f"requests/s: shared / separate = {shared['requests_per_second'] / separate['requests_per_second']:.2f}x"
     )

@@ -162,8 +162,8 @@ def serve(
     """`rebase serve`: serve the model (or a list of students, sharing one endpoint) as an OpenAI-compatible
     endpoint and block until Ctrl-C; `ready(url)` is called once it answers. Other ServeConfig fields (host=,
     port=, task=, base=, ...) as keywords."""
-    models = None if model is None else [str(one) for one in model] if isinstance(model, list) else str(model)
-    stage_config = _stage_config(ServeConfig, "serve", config, {"model": models}, fields)
+    # one path or a list of them: ServeConfig reads either
+    stage_config = _stage_config(ServeConfig, "serve", config, {"model": model}, fields)
     from rebase.serve import serve_student
 
     serve_student(stage_config, ready=ready)

@@ -165,9 +165,11 @@ def test_continuous_batching_equals_generate_with_rows_joining_mid_decode(engine
         ids[0][: len(HEAD)] if share_prefix else []
     )
     try:
-        events = [event for step in engine.steps(ids, [GenerationParams(n) for n in lengths]) for event in step]
+        steps = list(engine.steps(ids, [GenerationParams(n) for n in lengths]))
     finally:
         engine.share_prefix = True
+    assert all(len({row for row, _, _ in step}) == len(step) for step in steps)  # a step is one forward pass
+    events = [event for step in steps for event in step]
     for row, (prompt, length) in enumerate(zip(prompts, lengths)):
         tokens = [token for r, token, _ in events if r == row and token is not None]
         assert tokens == reference(engine, prompt, length), f"prompt {row}"

@@ -96,9 +96,10 @@ class ContinuousBatch:
         return list(zip(self.generated, self.stopped))
 
     def steps(self) -> Iterator[list[Event]]:
-        """One forward pass per step (admitting waiting prompts first when there is room); yields the events
-        of the rows it advanced. Inference mode is entered per step: a caller may run each step on another
-        thread."""
+        """One forward pass per step: a prefill of waiting prompts when there is room, else a decode of the
+        running rows; yields the events of the rows it advanced, at most one per row (a prompt's first token
+        comes from its prefill, its second from the next decode). Inference mode is entered per step: a
+        caller may run each step on another thread."""
         import torch
 
         waiting = list(range(len(self.ids)))[::-1]  # popped from the end: prompt order
@@ -111,8 +112,10 @@ class ContinuousBatch:
                     break
             with torch.inference_mode():
                 # Admit as soon as a place is free: prefill costs the same per token in small groups or large.
-                self._admit(waiting)
-                if self.running.rows:
+                admitting = bool(waiting) and len(self.running.rows) < self.engine.batch_size
+                if admitting:
+                    self._admit(waiting)
+                elif self.running.rows:
                     self._decode()
             events, self.events = self.events, []
             yield events

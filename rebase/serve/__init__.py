@@ -35,7 +35,7 @@ from rebase import precision
 from rebase.config import ServeConfig, build_config
 from rebase.errors import RebaseError
 from rebase.models import BUILTINS, canonical_model_name, resolve_model
-from rebase.serve.students import groups, served_name, students
+from rebase.serve.students import Group, Student, groups, served_name, students
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -53,12 +53,16 @@ def build_app(args: dict | ServeConfig) -> Application:
         except ImportError as error:
             raise _no_serve_llm(error) from None
         return build_openai_app({"llm_configs": [vllm_llm_config(config)]})
+    served = students(config)
+    return _student_app(config, served, groups(served, config.base))
+
+
+def _student_app(config: ServeConfig, served: list[Student], grouped: list[Group]) -> Application:
+    """The transformers deployment of students whose names, tasks (a bad file failed once, before), adapters
+    and shared bases are settled; replicas get absolute paths: their working directory is not ours."""
     from rebase.serve.app import StudentServer
 
-    # Names, tasks (a bad file fails here, once), adapters and who shares a base are settled here; replicas
-    # get absolute paths: their working directory is not ours.
-    served = students(config)
-    return StudentServer.options(**_student_options(config)).bind(config, served, groups(served, config.base))
+    return StudentServer.options(**_student_options(config)).bind(config, served, grouped)
 
 
 def vllm_llm_config(config: ServeConfig) -> LLMConfig:
@@ -128,14 +132,15 @@ def serve_student(config: ServeConfig, ready: Callable[[str], None] | None = Non
     from rebase.ray_setup import ensure_ray
 
     served = students(config)  # names, tasks, adapters: one line each if wrong, before Ray starts
-    for group in groups(served, config.base):
+    grouped = groups(served, config.base)
+    for group in grouped:
         resolve_model(group.model)  # a model that cannot be found offline: one line, before Ray starts
     ensure_ray()
     if config.engine == "transformers":
         from rebase.ray_setup import cluster_gpus
 
         precision.check(config.dtype, bool(cluster_gpus()), "serve")
-    application = build_app(config)
+    application = build_app(config) if config.engine == "vllm" else _student_app(config, served, grouped)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application, name="rebase", route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}/v1"

@@ -188,17 +188,10 @@ class StudentServer:
             events = await loop.run_in_executor(self.pool, batches.step)
             if events is None:
                 break
-            # A pass that admits a job gives it two tokens (the prefill's and the decode's): one item per job
-            # per yield, so each job's n-th token of the pass goes out in the n-th yield.
-            steps: list[list] = []
-            given: dict[int, int] = {}
-            for row, token, finished in events:
-                nth = given[row] = given.get(row, -1) + 1
-                if nth == len(steps):
-                    steps.append([StopIteration if d else (None, False) for d in done])
-                steps[nth][row] = (token, finished)
-            for step in steps or [[StopIteration if d else (None, False) for d in done]]:
-                yield step
+            step: list = [StopIteration if d else (None, False) for d in done]
+            for row, token, finished in events:  # at most one per job: a step is one forward pass
+                step[row] = (token, finished)
+            yield step
             finished_now = [row for row, _, finished in events if finished]
             if finished_now:  # end those callers' iterations now, not one decoding step later
                 for row in finished_now:
@@ -209,11 +202,14 @@ class StudentServer:
         """The models this replica holds in memory and the students each serves (for tests and benchmarks)."""
         engines: dict[int, dict] = {}
         for name, served in self.served.items():
-            engine = engines.setdefault(
-                id(served.engine), {"students": [], "adapters": list(served.engine.adapters), "parameters": 0}
-            )
-            engine["students"].append(name)
-            engine["parameters"] = sum(p.numel() for p in served.engine.model.parameters())
+            if id(served.engine) not in engines:
+                model = served.engine.model
+                engines[id(served.engine)] = {
+                    "students": [],
+                    "adapters": list(served.engine.adapters),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                }
+            engines[id(served.engine)]["students"].append(name)
         return list(engines.values())
 
     def batches(self) -> list[int]:
